@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian packages moe-lbcheck needs (only those missing), then configures and builds.
+# Idempotent; safe to run without a terminal (CI). Usage: scripts/setup.sh [build-dir]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR="${1:-build}"
+
+PACKAGES=(
+  g++ cmake ninja-build ccache pkg-config
+  libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev libfmt-dev libgtest-dev
+  libblas-dev libopenblas0-pthread
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian's LibTorch uses the system BLAS; make sure it is OpenBLAS, not the reference BLAS.
+blas=$(update-alternatives --query libblas.so.3-x86_64-linux-gnu 2>/dev/null | awk '/^Value:/{print $2}')
+case "$blas" in
+  *openblas*) ;;
+  *) echo "setup: warning: libblas.so.3 points to '${blas:-?}', not OpenBLAS: LibTorch will be slow" >&2 ;;
+esac
+
+if [ ! -f "$BUILD_DIR/build.ninja" ]; then
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+fi
+cmake --build "$BUILD_DIR" -j "$(nproc)"

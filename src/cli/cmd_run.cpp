@@ -1,0 +1,70 @@
+// `moe-lbcheck run SCENARIO.json [options]`: check one scenario on one mesh.
+#include <algorithm>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "app/check_run.hpp"
+#include "cli/commands.hpp"
+#include "cli/overrides.hpp"
+#include "common/errors.hpp"
+#include "data/problem_io.hpp"
+#include "report/reporters.hpp"
+
+namespace moe::cli {
+
+struct RunOptions {
+  std::string scenario;
+  ScenarioOverrides overrides;
+  std::string backend = "emulated";
+  int nproc = 0;  // 0 = the mesh's world size
+  std::string report_json;
+  std::string junit_xml;
+  std::string dump_safetensors;
+  bool quiet = false;
+};
+
+int runRun(const RunOptions& opt) {
+  Scenario sc = loadScenarioFile(opt.scenario);
+  applyOverrides(sc, opt.overrides);
+  if (opt.nproc != 0 && opt.backend == "emulated")
+    throw UsageError("--nproc applies to --backend gloo|nccl only");
+  CheckRunOptions run_options;
+  run_options.backend = opt.backend;
+  CheckRunOutput out = runChecks(sc, run_options);
+
+  // Render everything first, then write: a failure never leaves a partial set of outputs.
+  ConsoleReporter console(ConsoleOptions{opt.quiet});
+  const std::string console_text = renderToString(console, out.report);
+  std::string json_text, junit_text;
+  if (!opt.report_json.empty()) json_text = renderToString(JsonReporter(), out.report);
+  if (!opt.junit_xml.empty()) junit_text = renderToString(JUnitReporter(), out.report);
+  if (!opt.report_json.empty()) writeFileAtomically(opt.report_json, json_text);
+  if (!opt.junit_xml.empty()) writeFileAtomically(opt.junit_xml, junit_text);
+  if (!opt.dump_safetensors.empty())
+    dumpProblemAndGradients(opt.dump_safetensors, out.data, out.reference_aux_grad, out.mesh_aux_grad);
+  std::cout << console_text << std::flush;
+  return out.report.expectation_met ? 0 : static_cast<int>(ExitCode::kCheckFailed);
+}
+
+void setupRunCommand(CLI::App& app, int& exit_code) {
+  auto opt = std::make_shared<RunOptions>();
+  CLI::App* sub = app.add_subcommand("run", "Check one scenario's aux-loss gradient on one mesh");
+  sub->add_option("scenario", opt->scenario, "Scenario JSON file")->required();
+  addOverrideOptions(*sub, opt->overrides);
+  sub->add_option("--backend", opt->backend, "Mesh backend")
+      ->check(CLI::IsMember({"emulated", "gloo", "nccl"}))
+      ->capture_default_str();
+  sub->add_option("--nproc", opt->nproc, "Processes to launch for gloo/nccl (default: world size)")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--report", opt->report_json, "Write the JSON report (schema_version 1) here");
+  sub->add_option("--junit", opt->junit_xml, "Write JUnit XML (one testcase per check) here");
+  sub->add_option("--dump", opt->dump_safetensors,
+                  "Write inputs, weights and both aux gradients as float64 safetensors here");
+  sub->add_flag("-q,--quiet", opt->quiet, "Print only failures and the footer");
+  sub->callback([opt, &exit_code] { exit_code = runRun(*opt); });
+}
+
+}  // namespace moe::cli

@@ -1,0 +1,68 @@
+#include "cli/overrides.hpp"
+
+#include <algorithm>
+#include <sstream>
+
+#include "common/errors.hpp"
+#include "scenario/catalog.hpp"
+
+namespace moe::cli {
+namespace {
+
+std::vector<std::string> presetNames() {
+  std::vector<std::string> n;
+  for (const auto& p : presetCatalog()) n.push_back(p.name);
+  return n;
+}
+std::vector<std::string> faultNames() {
+  std::vector<std::string> n;
+  for (const auto& f : faultCatalog()) n.push_back(f.name);
+  return n;
+}
+
+int parsePositive(const std::string& key, const std::string& text) {
+  try {
+    size_t used = 0;
+    const long v = std::stol(text, &used);
+    if (used == text.size() && v >= 1 && v <= (1 << 20)) return static_cast<int>(v);
+  } catch (const std::exception&) {
+  }
+  throw UsageError("--mesh: " + key + "=" + text + ": expected a positive integer");
+}
+
+}  // namespace
+
+void addOverrideOptions(CLI::App& sub, ScenarioOverrides& o) {
+  sub.add_option("--mesh", o.mesh, "Override the mesh, e.g. dp=4,pp=2,cp=1,mb=4 (also vp=)");
+  sub.add_option("--preset", o.preset, "Override framework.preset")->check(CLI::IsMember(presetNames()));
+  sub.add_option("--fault", o.faults, "Add a named fault (repeatable)")->check(CLI::IsMember(faultNames()));
+  sub.add_option("--dtype", o.dtype, "Override model.dtype of the mesh (the reference stays float64)")
+      ->check(CLI::IsMember({"float64", "float32", "bfloat16"}));
+}
+
+void applyOverrides(Scenario& sc, const ScenarioOverrides& o) {
+  if (!o.mesh.empty()) {
+    std::stringstream in(o.mesh);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+      const auto eq = item.find('=');
+      if (eq == std::string::npos)
+        throw UsageError("--mesh: '" + item + "': expected key=value (dp, pp, cp, mb, vp)");
+      const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+      const int v = parsePositive(key, value);
+      if (key == "dp") sc.mesh.dp = v;
+      else if (key == "pp") sc.mesh.pp = v;
+      else if (key == "cp") sc.mesh.cp = v;
+      else if (key == "mb" || key == "microbatches") sc.mesh.microbatches = v;
+      else if (key == "vp" || key == "virtual_stages") sc.mesh.virtual_stages = v;
+      else throw UsageError("--mesh: unknown key '" + key + "' (expected dp, pp, cp, mb, vp)");
+    }
+  }
+  if (!o.preset.empty()) sc.framework.preset = o.preset;
+  for (const auto& f : o.faults)
+    if (std::find(sc.faults.begin(), sc.faults.end(), f) == sc.faults.end()) sc.faults.push_back(f);
+  if (!o.dtype.empty()) sc.model.dtype = parseDType(o.dtype);
+  validateScenario(sc);
+}
+
+}  // namespace moe::cli

@@ -1,0 +1,155 @@
+#include "sim/emulated_communicator.hpp"
+
+#include <deque>
+#include <tuple>
+
+#include <fmt/format.h>
+
+#include "common/errors.hpp"
+
+namespace moe {
+
+const char* toString(CommGroup group) {
+  switch (group) {
+    case CommGroup::kDataParallel: return "dp";
+    case CommGroup::kContext: return "cp";
+    case CommGroup::kDataContext: return "dp*cp";
+    case CommGroup::kWorld: return "world";
+  }
+  return "?";
+}
+
+namespace {
+
+// One all-reduce rendezvous per concrete group (identified by its kind and first member).
+struct ReduceSlot {
+  std::uint64_t generation = 0;
+  int arrived = 0;
+  int readers_left = 0;
+  std::vector<const at::Tensor*> contributions;
+  at::Tensor result;
+};
+
+}  // namespace
+
+struct EmulatedWorld::Impl {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::map<std::pair<int, int>, ReduceSlot> slots;                     // (group kind, first member)
+  std::map<std::tuple<int, int, int>, std::deque<at::Tensor>> mailboxes;  // (src, dst, tag)
+  bool aborted = false;
+  std::string abort_reason;
+};
+
+EmulatedWorld::EmulatedWorld(const MeshLayout& layout, EmulatedOptions options)
+    : layout_(layout), options_(options), impl_(std::make_unique<Impl>()) {}
+EmulatedWorld::~EmulatedWorld() = default;
+
+void EmulatedWorld::abort(const std::string& why) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  if (!impl_->aborted) {
+    impl_->aborted = true;
+    impl_->abort_reason = why;
+  }
+  impl_->changed.notify_all();
+}
+
+namespace {
+
+std::vector<int> membersOf(const MeshLayout& layout, CommGroup group, int rank) {
+  switch (group) {
+    case CommGroup::kDataParallel: return layout.dataParallelGroup(rank);
+    case CommGroup::kContext: return layout.contextGroup(rank);
+    case CommGroup::kDataContext: return layout.dataContextGroup(rank);
+    case CommGroup::kWorld: return layout.worldGroup();
+  }
+  return {};
+}
+
+// Waits on `cv` until `ready()` or the world aborts or the deadline passes; throws on the latter two.
+template <class Ready>
+void waitOrThrow(std::unique_lock<std::mutex>& lock, EmulatedWorld::Impl& impl,
+                 std::chrono::milliseconds timeout, int rank, const std::string& op, Ready ready) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!ready()) {
+    if (impl.aborted) throw RuntimeFailure("emulated", rank, op, "aborted: " + impl.abort_reason);
+    if (impl.changed.wait_until(lock, deadline) == std::cv_status::timeout && !ready()) {
+      throw RuntimeFailure("emulated", rank, op,
+                           fmt::format("timed out after {:.1f} s waiting for its peers",
+                                       timeout.count() / 1000.0));
+    }
+  }
+  if (impl.aborted) throw RuntimeFailure("emulated", rank, op, "aborted: " + impl.abort_reason);
+}
+
+}  // namespace
+
+void EmulatedCommunicator::allReduceSum(at::Tensor& tensor, CommGroup group) {
+  auto& impl = *world_.impl_;
+  const std::vector<int> members = membersOf(world_.layout(), group, rank_);
+  const int n = static_cast<int>(members.size());
+  if (n == 1) return;
+  int index = 0;
+  while (members[index] != rank_) ++index;
+  const std::string op = fmt::format("allReduceSum({} group)", toString(group));
+
+  std::unique_lock<std::mutex> lock(impl.mutex);
+  ReduceSlot& slot = impl.slots[{static_cast<int>(group), members.front()}];
+  // The previous round of this group must have been read by every member before the slot is reused.
+  waitOrThrow(lock, impl, world_.options_.timeout, rank_, op, [&] { return slot.readers_left == 0; });
+  if (slot.contributions.empty()) slot.contributions.assign(n, nullptr);
+  slot.contributions[index] = &tensor;
+  const std::uint64_t my_generation = slot.generation;
+  if (++slot.arrived == n) {
+    // Real arithmetic, summed in group-rank order: deterministic whatever the thread timing.
+    at::Tensor sum = slot.contributions[0]->clone();
+    for (int i = 1; i < n; ++i) sum.add_(*slot.contributions[i]);
+    slot.result = sum;
+    slot.arrived = 0;
+    slot.readers_left = n;
+    slot.contributions.assign(n, nullptr);
+    ++slot.generation;
+    impl.changed.notify_all();
+  } else {
+    waitOrThrow(lock, impl, world_.options_.timeout, rank_, op,
+                [&] { return slot.generation != my_generation; });
+  }
+  tensor.copy_(slot.result);
+  if (--slot.readers_left == 0) {
+    slot.result = at::Tensor();
+    impl.changed.notify_all();
+  }
+}
+
+void EmulatedCommunicator::send(const at::Tensor& tensor, int dst_rank, int tag) {
+  auto& impl = *world_.impl_;
+  at::Tensor copy = tensor.detach().clone();
+  std::lock_guard<std::mutex> lock(impl.mutex);
+  if (impl.aborted)
+    throw RuntimeFailure("emulated", rank_, fmt::format("send(to {})", dst_rank),
+                         "aborted: " + impl.abort_reason);
+  impl.mailboxes[{rank_, dst_rank, tag}].push_back(std::move(copy));
+  impl.changed.notify_all();
+}
+
+void EmulatedCommunicator::recv(at::Tensor& tensor, int src_rank, int tag) {
+  auto& impl = *world_.impl_;
+  std::unique_lock<std::mutex> lock(impl.mutex);
+  auto& box = impl.mailboxes[{src_rank, rank_, tag}];
+  waitOrThrow(lock, impl, world_.options_.timeout, rank_,
+              fmt::format("recv(from {}, tag {})", src_rank, tag), [&] { return !box.empty(); });
+  at::Tensor got = std::move(box.front());
+  box.pop_front();
+  lock.unlock();
+  if (!got.sizes().equals(tensor.sizes()))
+    throw RuntimeFailure("emulated", rank_, fmt::format("recv(from {}, tag {})", src_rank, tag),
+                         "message has a different shape than the receive buffer");
+  tensor.copy_(got);
+}
+
+void EmulatedCommunicator::barrier() {
+  at::Tensor token = at::zeros({1}, at::kDouble);
+  allReduceSum(token, CommGroup::kWorld);
+}
+
+}  // namespace moe

@@ -1,0 +1,352 @@
+#include "sim/rank_program.hpp"
+
+#include <fmt/format.h>
+
+#include "common/errors.hpp"
+#include "sim/schedule.hpp"
+
+namespace moe {
+namespace {
+
+at::Tensor tensorFrom(const std::vector<double>& v, std::vector<int64_t> shape, at::ScalarType dtype) {
+  return torch::from_blob(const_cast<double*>(v.data()), shape, at::kDouble).to(dtype).contiguous();
+}
+
+// The tokens one rank holds for one microbatch: its CP positions of each of the microbatch's
+// sequences, flattened sequence-major.
+struct TokenShard {
+  at::Tensor index;      // [n] int64 into the B*S token axis
+  at::Tensor valid;      // [n] bool: loss tokens
+  at::Tensor aux_mask;   // [n] bool: tokens of the aux statistics
+  at::Tensor sequence;   // [n] int64: sequence index within the microbatch
+  int64_t tokens = 0;
+};
+
+TokenShard makeShard(const MeshInputs& in, const RankCoords& me, int microbatch) {
+  const MeshLayout& L = in.layout;
+  const std::vector<int> positions = L.cpPositions(me.cp);
+  const int first = L.firstSequence(me.dp, microbatch);
+  std::vector<int64_t> index, sequence;
+  for (int b = 0; b < L.microBatchSize(); ++b)
+    for (int s : positions) {
+      index.push_back(static_cast<int64_t>(first + b) * L.seq_len + s);
+      sequence.push_back(b);
+    }
+  TokenShard shard;
+  shard.tokens = static_cast<int64_t>(index.size());
+  shard.index = torch::tensor(index, at::kLong);
+  shard.sequence = torch::tensor(sequence, at::kLong);
+  shard.valid = in.valid.index_select(0, shard.index);
+  // Megatron #1982/#1984: before PR #2121 padding tokens were counted in f and P.
+  const bool aux_counts_padding = !in.scenario.aux.exclude_padding || in.convention.has("count_padding");
+  shard.aux_mask = aux_counts_padding ? torch::ones_like(shard.valid) : shard.valid.clone();
+  return shard;
+}
+
+// Token totals every rank needs for its scale factors, obtained the way frameworks get them: local
+// counts all-reduced (over CP per microbatch, then over DP for the global batch).
+struct TokenTotals {
+  std::vector<double> microbatch_valid;  // per microbatch, all CP shards
+  std::vector<double> microbatch_aux;
+  double global_valid = 0, global_aux = 0;
+};
+
+TokenTotals countTokens(const MeshInputs& in, const RankCoords& me, Communicator& comm) {
+  const int M = in.layout.microbatches;
+  at::Tensor local = torch::zeros({M, 2}, at::kDouble);
+  for (int m = 0; m < M; ++m) {
+    const TokenShard shard = makeShard(in, me, m);
+    local[m][0] = shard.valid.sum().item<double>();
+    local[m][1] = shard.aux_mask.sum().item<double>();
+  }
+  comm.allReduceSum(local, CommGroup::kContext);
+  at::Tensor replica = local.sum(0);
+  comm.allReduceSum(replica, CommGroup::kDataParallel);
+  TokenTotals t;
+  for (int m = 0; m < M; ++m) {
+    t.microbatch_valid.push_back(local[m][0].item<double>());
+    t.microbatch_aux.push_back(local[m][1].item<double>());
+  }
+  t.global_valid = replica[0].item<double>();
+  t.global_aux = replica[1].item<double>();
+  return t;
+}
+
+// One forward of a model chunk for one microbatch, kept until its backward.
+struct InFlight {
+  at::Tensor input;   // received activation (requires grad) or undefined on the first chunk
+  at::Tensor output;  // sent activation, or undefined on the last chunk
+  at::Tensor loss;    // defined on the last chunk
+};
+
+class RankProgram {
+ public:
+  RankProgram(const MeshInputs& in, Communicator& comm)
+      : in_(in), comm_(comm), me_(in.layout.coordsOf(comm.rank())), dtype_(in.x.scalar_type()) {}
+
+  RankResult run();
+
+ private:
+  int chunkIndex(int virtual_stage) const { return virtual_stage * in_.layout.pp + me_.pp; }
+  bool isFirstChunk(int v) const { return chunkIndex(v) == 0; }
+  bool isLastChunk(int v) const { return chunkIndex(v) == in_.layout.chunks() - 1; }
+  int nextRank(int v) const;  // owner of the next chunk, same dp/cp coordinates
+  int prevRank(int v) const;
+  // Message tag of the activation (direction 0) or activation gradient (1) that model chunk
+  // `receiver_chunk` receives for `microbatch`; sender and receiver compute the same value.
+  int tag(int microbatch, int receiver_chunk, int direction) const {
+    return (microbatch * in_.layout.chunks() + receiver_chunk) * 2 + direction;
+  }
+  ScaleInputs scaleInputs(int microbatch) const;
+
+  void forward(int microbatch, int v);
+  void backward(int microbatch, int v);
+  at::Tensor layerForward(int layer, const at::Tensor& h, const TokenShard& shard, int microbatch);
+  at::Tensor auxValue(const Routing& r, const TokenShard& shard, int microbatch, int layer);
+
+  const MeshInputs& in_;
+  Communicator& comm_;
+  RankCoords me_;
+  at::ScalarType dtype_;
+  TokenTotals totals_;
+  std::map<int, at::Tensor> router_weight_;  // owned layers -> leaf with grad
+  std::map<std::pair<int, int>, InFlight> in_flight_;
+};
+
+int RankProgram::nextRank(int v) const {
+  const int next_chunk = chunkIndex(v) + 1;
+  return in_.layout.rankOf({me_.dp, next_chunk % in_.layout.pp, me_.cp});
+}
+int RankProgram::prevRank(int v) const {
+  const int prev_chunk = chunkIndex(v) - 1;
+  return in_.layout.rankOf({me_.dp, prev_chunk % in_.layout.pp, me_.cp});
+}
+
+ScaleInputs RankProgram::scaleInputs(int microbatch) const {
+  ScaleInputs s;
+  s.dp = in_.layout.dp;
+  s.cp = in_.layout.cp;
+  s.pp = in_.layout.pp;
+  s.microbatches = in_.layout.microbatches;
+  s.micro_batch_size = in_.layout.microBatchSize();
+  s.microbatch_valid_tokens = totals_.microbatch_valid[microbatch];
+  s.group_aux_tokens = totals_.microbatch_aux[microbatch];
+  s.global_valid_tokens = totals_.global_valid;
+  return s;
+}
+
+// alpha * (this rank's partial of the layer's aux loss) + beta * (its partial z-loss), scaled per
+// the convention. Counts and token totals are all-reduced without gradient (ANCHORS §7 invariant 1).
+at::Tensor RankProgram::auxValue(const Routing& r, const TokenShard& shard, int microbatch, int layer) {
+  const Scenario& sc = in_.scenario;
+  const int E = sc.model.experts, k = sc.model.top_k;
+  const ScaleInputs scale = scaleInputs(microbatch);
+  const at::Tensor aux_rows = shard.aux_mask.nonzero().squeeze(1);
+  const at::Tensor probs = r.aux_probs.index_select(0, aux_rows);  // [n_aux, E]
+  const at::Tensor topk = r.topk.index_select(0, aux_rows);
+  at::Tensor value = torch::zeros({}, r.logits.options());
+
+  if (in_.knobs.aux_coeff != 0.0) {
+    // NeMo Automodel #1408 item 2: the coefficient was only a "> 0" gate, never multiplied in.
+    const double alpha = in_.convention.has("coeff_as_gate") ? 1.0 : in_.knobs.aux_coeff;
+    if (sc.aux.type == AuxScope::kSequence) {
+      // Megatron _apply_seq_aux_loss: per-sequence counts all-reduced over CP, mean over the
+      // micro-batch's sequences (divided by its size B).
+      const int mbs = in_.layout.microBatchSize();
+      const at::Tensor seq = shard.sequence.index_select(0, aux_rows);
+      at::Tensor stats = torch::zeros({mbs, E + 1}, at::kDouble);
+      stats.narrow(1, 0, E).view(-1).index_add_(
+          0, (seq.unsqueeze(1) * E + topk).reshape(-1),
+          torch::ones({topk.numel()}, at::kDouble));
+      stats.select(1, E).index_add_(0, seq, torch::ones({seq.numel()}, at::kDouble));
+      comm_.allReduceSum(stats, CommGroup::kContext);
+      // P-hat per sequence: sum of this rank's probabilities of that sequence's tokens.
+      at::Tensor p_sum = torch::zeros({mbs, E}, probs.options()).index_add(0, seq, probs);
+      const at::Tensor counts = stats.narrow(1, 0, E).to(dtype_);
+      const at::Tensor tokens = stats.select(1, E).to(dtype_);
+      const at::Tensor present = tokens > 0;
+      // DeepSeek-V3 eqs 17-20 per sequence: E/(k T_b^2) sum_e c_be Phat_be.
+      const at::Tensor per_seq = (counts * p_sum).sum(1) * E /
+                                 (k * torch::where(present, tokens * tokens, torch::ones_like(tokens)));
+      value = value + alpha * in_.convention.auxValueMultiplier(scale, AuxScope::kSequence) *
+                          torch::where(present, per_seq, torch::zeros_like(per_seq)).sum() / mbs;
+    } else {
+      // Megatron switch_load_balancing_loss_func: E/(k T^2) sum_e c_e sum_t p_te, with c and T
+      // all-reduced over CP (micro_batch) or over dp*cp (global_batch, _apply_global_aux_loss).
+      at::Tensor stats = torch::zeros({E + 1}, at::kDouble);
+      stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
+      stats[E] = static_cast<double>(aux_rows.numel());
+      const bool global = sc.aux.type == AuxScope::kGlobalBatch &&
+                          !in_.convention.has("batch_wise_counts_per_microbatch");
+      comm_.allReduceSum(stats, global ? CommGroup::kDataContext : CommGroup::kContext);
+      const double T = stats[E].item<double>();
+      if (T > 0) {
+        const at::Tensor counts = stats.narrow(0, 0, E).to(dtype_);
+        const at::Tensor partial = (counts * probs.sum(0)).sum() * (double(E) / (k * T * T));
+        value = value + alpha * in_.convention.auxValueMultiplier(scale, sc.aux.type) * partial;
+      }
+    }
+  }
+  if (in_.knobs.z_loss_coeff != 0.0) {
+    // z-loss (ST-MoE; Megatron z_loss_func): mean over the group's aux tokens of logsumexp(z)^2.
+    const at::Tensor lse = logsumexpRows(r.logits.index_select(0, aux_rows));
+    const at::Tensor sum_sq = (lse * lse).sum();
+    if (sc.aux.z_loss_scope == ZLossScope::kGlobalBatch) {
+      if (totals_.global_aux > 0)
+        value = value + in_.knobs.z_loss_coeff *
+                            in_.convention.auxValueMultiplier(scale, AuxScope::kGlobalBatch) *
+                            sum_sq / totals_.global_aux;
+    } else if (totals_.microbatch_aux[microbatch] > 0) {
+      value = value + in_.knobs.z_loss_coeff *
+                          in_.convention.auxValueMultiplier(scale, AuxScope::kMicroBatch) * sum_sq /
+                          totals_.microbatch_aux[microbatch];
+    }
+  }
+  return value;
+}
+
+at::Tensor RankProgram::layerForward(int layer, const at::Tensor& h, const TokenShard& shard,
+                                     int microbatch) {
+  const Scenario& sc = in_.scenario;
+  const LayerWeights& shared = in_.layers[layer];
+  LayerWeights w{router_weight_.at(layer), shared.expert_in, shared.expert_out};
+  Routing r = routeTokens(h, w.router_weight, sc.model);
+  at::Tensor gates = r.gates;
+  if (in_.knobs.aux_coeff != 0.0 || in_.knobs.z_loss_coeff != 0.0) {
+    at::Tensor aux = auxValue(r, shard, microbatch, layer);
+    const bool discard = in_.convention.has("discard_apply_return");  // Automodel #1408
+    switch (in_.convention.injection) {
+      case Injection::kAutoScaler:
+      case Injection::kIdentityFunction: {
+        const double scale = in_.convention.auxBackwardScale(scaleInputs(microbatch), sc.aux.type);
+        at::Tensor attached = attachAuxLoss(r.gates, aux, scale);
+        if (!discard) gates = attached;
+        break;
+      }
+      case Injection::kLossAdd: {
+        InFlight& f = in_flight_[{microbatch, -1}];  // accumulates aux terms for the loss
+        if (!discard) f.loss = f.loss.defined() ? f.loss + aux : aux;
+        break;
+      }
+    }
+  }
+  return applyExperts(h, r.topk, gates, w);
+}
+
+void RankProgram::forward(int microbatch, int v) {
+  const MeshLayout& L = in_.layout;
+  const TokenShard shard = makeShard(in_, me_, microbatch);
+  InFlight f;
+  at::Tensor h;
+  if (isFirstChunk(v)) {
+    h = in_.x.index_select(0, shard.index);
+  } else {
+    f.input = torch::empty({shard.tokens, in_.x.size(1)}, in_.x.options());
+    comm_.recv(f.input, prevRank(v), tag(microbatch, chunkIndex(v), 0));
+    f.input.requires_grad_(true);
+    h = f.input;
+  }
+  const int first = L.chunkFirstLayer(me_.pp, v);
+  for (int l = first; l < first + L.layersPerChunk(); ++l) h = layerForward(l, h, shard, microbatch);
+
+  at::Tensor added_aux;  // loss-add conventions: this chunk's aux terms
+  auto pending = in_flight_.find({microbatch, -1});
+  if (pending != in_flight_.end()) {
+    added_aux = pending->second.loss;
+    in_flight_.erase(pending);
+  }
+  if (isLastChunk(v)) {
+    const at::Tensor y = in_.y.index_select(0, shard.index);
+    const at::Tensor per_token = 0.5 * (h - y).pow(2).sum(1);
+    const at::Tensor main_sum = (per_token * shard.valid.to(per_token.scalar_type())).sum();
+    f.loss = in_.knobs.main_loss_weight *
+             in_.convention.mainLossMultiplier(scaleInputs(microbatch)) * main_sum;
+  } else {
+    f.output = h;
+    comm_.send(h.detach(), nextRank(v), tag(microbatch, chunkIndex(v) + 1, 0));
+    if (added_aux.defined()) f.loss = torch::zeros({}, h.options());
+  }
+  if (added_aux.defined()) f.loss = f.loss + added_aux;
+  in_flight_[{microbatch, v}] = std::move(f);
+}
+
+void RankProgram::backward(int microbatch, int v) {
+  InFlight f = std::move(in_flight_.at({microbatch, v}));
+  in_flight_.erase({microbatch, v});
+  std::vector<at::Tensor> roots, grads;
+  if (f.loss.defined() && f.loss.requires_grad()) {
+    roots.push_back(f.loss);
+    grads.push_back(torch::ones_like(f.loss));
+  }
+  if (!isLastChunk(v)) {
+    at::Tensor grad = torch::empty_like(f.output);
+    comm_.recv(grad, nextRank(v), tag(microbatch, chunkIndex(v), 1));
+    if (f.output.requires_grad()) {
+      roots.push_back(f.output);
+      grads.push_back(grad);
+    }
+  }
+  if (!roots.empty()) torch::autograd::backward(roots, grads);
+  if (!isFirstChunk(v)) {
+    at::Tensor g = f.input.grad();
+    if (!g.defined()) g = torch::zeros_like(f.input);
+    comm_.send(g, prevRank(v), tag(microbatch, chunkIndex(v) - 1, 1));
+  }
+}
+
+RankResult RankProgram::run() {
+  const MeshLayout& L = in_.layout;
+  for (int v = 0; v < L.virtual_stages; ++v) {
+    const int first = L.chunkFirstLayer(me_.pp, v);
+    for (int l = first; l < first + L.layersPerChunk(); ++l)
+      router_weight_[l] = in_.layers[l].router_weight.clone().set_requires_grad(true);
+  }
+  totals_ = countTokens(in_, me_, comm_);
+  for (const PipelineAction& a :
+       pipelineSchedule(in_.scenario.mesh.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {
+    if (a.kind == PipelineAction::kForward) forward(a.microbatch, a.virtual_stage);
+    else backward(a.microbatch, a.virtual_stage);
+  }
+  // DDP/FSDP gradient reduction over dp x cp, then the convention's post-hoc scaling.
+  ScaleInputs s = scaleInputs(0);
+  RankResult result;
+  for (auto& [layer, w] : router_weight_) {
+    at::Tensor g = w.grad().defined() ? w.grad().detach().clone() : torch::zeros_like(w);
+    if (in_.convention.grad_reduction == GradReduction::kMean) g.mul_(1.0 / (L.dp * L.cp));
+    comm_.allReduceSum(g, CommGroup::kDataContext);
+    g.mul_(in_.convention.postReductionScale(s));
+    const at::Tensor d = g.to(at::kDouble).contiguous();
+    result.router_grad[layer].assign(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+  }
+  return result;
+}
+
+}  // namespace
+
+MeshInputs makeMeshInputs(const Scenario& sc, const ProblemData& data, const RunKnobs& knobs) {
+  MeshInputs in;
+  in.scenario = sc;
+  in.layout = MeshLayout::fromScenario(sc);
+  in.convention = conventionFor(sc);
+  in.knobs = knobs;
+  const at::ScalarType dtype = torchDType(sc.model.dtype);
+  const int64_t T = data.tokens(), H = data.hidden, E = data.experts, F = data.ffn;
+  in.x = tensorFrom(data.x, {T, H}, dtype);
+  in.y = tensorFrom(data.y, {T, H}, dtype);
+  std::vector<int64_t> valid(data.valid.begin(), data.valid.end());
+  in.valid = torch::tensor(valid, at::kLong).to(at::kBool);
+  for (int l = 0; l < data.layers; ++l) {
+    LayerWeights w;
+    w.router_weight = tensorFrom(data.router_weight[l], {H, E}, dtype);
+    w.expert_in = tensorFrom(data.expert_in[l], {E, H, F}, dtype);
+    w.expert_out = tensorFrom(data.expert_out[l], {E, F, H}, dtype);
+    in.layers.push_back(w);
+  }
+  return in;
+}
+
+RankResult runRank(const MeshInputs& inputs, Communicator& comm) {
+  return RankProgram(inputs, comm).run();
+}
+
+}  // namespace moe

@@ -10,6 +10,7 @@
 #include "check/diagnosis.hpp"
 #include "common/errors.hpp"
 #include "reference/reference.hpp"
+#include "sim/convention.hpp"
 #include "sim/mesh_runner.hpp"
 
 namespace moe {
@@ -90,6 +91,7 @@ ToolInfo toolInfo() {
 
 CheckRunOutput runChecks(const Scenario& sc, const CheckRunOptions& options) {
   const auto t_start = std::chrono::steady_clock::now();
+  conventionFor(sc);  // rejects preset/fault combinations before any work is done
   CheckRunOutput out;
   Report& report = out.report;
   report.tool = toolInfo();

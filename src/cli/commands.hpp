@@ -12,5 +12,7 @@ namespace moe::cli {
 void setupRunCommand(CLI::App& app, int& exit_code);
 void setupValidateCommand(CLI::App& app, int& exit_code);
 void setupListCommand(CLI::App& app, int& exit_code);
+void setupSweepCommand(CLI::App& app, int& exit_code);
+void setupSelftestCommand(CLI::App& app, int& exit_code);
 
 }  // namespace moe::cli

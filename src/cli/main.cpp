@@ -1,6 +1,7 @@
 // moe-lbcheck: checks the load-balancing aux-loss gradient a parallel mesh produces against a
 // single-device float64 finite-difference reference. See README.md and DESIGN.md §6.
 #include <iostream>
+#include <string>
 
 #include "cli/commands.hpp"
 #include "common/errors.hpp"
@@ -11,8 +12,10 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string(MOE_VERSION));
   int exit_code = 0;
   moe::cli::setupRunCommand(app, exit_code);
+  moe::cli::setupSweepCommand(app, exit_code);
   moe::cli::setupValidateCommand(app, exit_code);
   moe::cli::setupListCommand(app, exit_code);
+  moe::cli::setupSelftestCommand(app, exit_code);
   try {
     app.parse(argc, argv);
     return exit_code;
@@ -24,7 +27,11 @@ int main(int argc, char** argv) {
     std::cerr << "moe-lbcheck: error: " << e.what() << "\n";
     return static_cast<int>(e.code());
   } catch (const std::exception& e) {
-    std::cerr << "moe-lbcheck: runtime failure: " << e.what() << "\n";
+    // LibTorch's c10::Error appends a C++ backtrace to its message; keep only the message.
+    std::string message = e.what();
+    const auto backtrace = message.find("\nException raised from");
+    if (backtrace != std::string::npos) message.resize(backtrace);
+    std::cerr << "moe-lbcheck: runtime failure: " << message << "\n";
     return static_cast<int>(moe::ExitCode::kRuntimeFailure);
   }
 }

@@ -350,8 +350,12 @@ class ReferenceModel {
     grad_main.assign(with_main_ ? TE : 0, 0.0);
     err_main.assign(with_main_ ? TE : 0, 0.0);
     const int workers = workerCount();
-    std::vector<std::int64_t> ties(workers, 0), frozen_count(workers, 0);
-    std::vector<double> steps(workers, 0.0);
+    struct Counters {
+      std::int64_t ties = 0, frozen = 0;
+      double max_step = 0.0;
+      char pad[64];  // no false sharing between workers
+    };
+    std::vector<Counters> counters(workers);
     // expm1(+-step/2^level), shared by every element whose step was not shrunk.
     double table_plus[3], table_minus[3];
     for (int lev = 0; lev < 3; ++lev) {
@@ -361,6 +365,7 @@ class ReferenceModel {
     parallelFor(T_, workers, [&](Index begin, Index end, int worker) {
       Scratch scratch(H_, E_, k_, F_);
       std::vector<char> in_topk(E_, 0);
+      Counters local;
       for (Index t = begin; t < end; ++t) {
         // aux_token: contributes aux/z terms at this layer and the later ones; main_token: to J_main.
         // The suffix (gates -> later layers -> h_L) matters when a later term depends on this token.
@@ -368,9 +373,9 @@ class ReferenceModel {
         const bool main_token = with_main_ && groups_.main_weight[t] != 0.0;
         const bool suffix = (l < L_ - 1 && aux_token) || main_token;
         if (!aux_token && !suffix) continue;
-        const LayerCache& c = layers_[l];
-        const double* z = &c.logits[t * E_];
-        const int* topk = &c.topk[t * k_];
+        const TokenRow row = tokenRow(l, t);
+        const double* z = row.z;
+        const int* topk = row.topk;
         // Top-k margins (DESIGN §4): z_e minus the best non-top-k logit for routed experts, the
         // weakest routed logit minus z_e for the others; equal logits are a margin of 0.
         for (int s = 0; s < k_; ++s) in_topk[topk[s]] = 1;
@@ -384,8 +389,8 @@ class ReferenceModel {
           const bool shrunk = h < options.step;
           const bool frozen_by_margin = h < options.min_step;
           if (frozen_by_margin) h = options.step;  // routing frozen: the gradient of the current piece
-          if (shrunk) ++ties[worker];
-          steps[worker] = std::max(steps[worker], h);
+          if (shrunk) ++local.ties;
+          local.max_step = std::max(local.max_step, h);
           const bool tabled = h == options.step;
           double D_aux[3], D_main[3];
           bool routing_changed = false;
@@ -393,13 +398,13 @@ class ReferenceModel {
             const double d = h / double(1 << lev);
             const double em_plus = tabled ? table_plus[lev] : std::expm1(d);
             const double em_minus = tabled ? table_minus[lev] : std::expm1(-d);
-            const Delta up = perturbLogit(l, t, j, em_plus, em_minus, in_topk, aux_token, suffix, scratch);
-            const Delta down = perturbLogit(l, t, j, em_minus, em_plus, in_topk, aux_token, suffix, scratch);
+            const Delta up = perturbLogit(l, row, j, em_plus, em_minus, in_topk, aux_token, suffix, scratch);
+            const Delta down = perturbLogit(l, row, j, em_minus, em_plus, in_topk, aux_token, suffix, scratch);
             routing_changed = routing_changed || up.routing_changed || down.routing_changed;
             D_aux[lev] = (up.aux - down.aux) / (2.0 * d);
             D_main[lev] = (up.main - down.main) / (2.0 * d);
           }
-          if (frozen_by_margin || routing_changed) ++frozen_count[worker];
+          if (frozen_by_margin || routing_changed) ++local.frozen;
           // Richardson: R(h) = (4 D(h/2) - D(h)) / 3; error of R(h) ~ 16/15 |R(h) - R(h/2)|.
           const std::size_t at = std::size_t(t) * E_ + j;
           const double r1 = (4.0 * D_aux[1] - D_aux[0]) / 3.0, r2 = (4.0 * D_aux[2] - D_aux[1]) / 3.0;
@@ -413,11 +418,12 @@ class ReferenceModel {
         }
         for (int s = 0; s < k_; ++s) in_topk[topk[s]] = 0;
       }
+      counters[worker] = local;
     });
-    for (int w = 0; w < workers; ++w) {
-      near_ties += ties[w];
-      frozen += frozen_count[w];
-      max_step = std::max(max_step, steps[w]);
+    for (const Counters& w : counters) {
+      near_ties += w.ties;
+      frozen += w.frozen;
+      max_step = std::max(max_step, w.max_step);
     }
   }
 
@@ -603,38 +609,66 @@ class ReferenceModel {
     });
   }
 
+  // Token t's cached quantities at layer l.
+  struct TokenRow {
+    Index t = 0;
+    const double *z = nullptr, *ex = nullptr, *sig = nullptr, *sig_neg = nullptr, *w = nullptr, *gate = nullptr;
+    const int* topk = nullptr;
+    double S = 0.0, lse = 0.0, sig_sum = 0.0, a = 0.0, zw = 0.0, topk_sum = 0.0;
+  };
+  TokenRow tokenRow(int l, Index t) const {
+    const LayerCache& c = layers_[l];
+    TokenRow r;
+    r.t = t;
+    r.z = &c.logits[t * E_];
+    r.ex = &c.exp_shift[t * E_];
+    if (!softmax_) {
+      r.sig = &c.sig[t * E_];
+      r.sig_neg = &c.sig_neg[t * E_];
+      r.sig_sum = c.sig_sum[t];
+    }
+    const int g = groups_.aux_group[t];
+    if (g >= 0) {
+      r.w = &c.aux_weight[std::size_t(g) * E_];
+      r.a = c.aux_mean[t];
+      r.zw = groups_.z_weight[t];
+    }
+    r.gate = &c.gate[t * k_];
+    r.topk = &c.topk[t * k_];
+    r.S = c.exp_sum[t];
+    r.lse = c.lse[t];
+    r.topk_sum = c.topk_sum[t];
+    return r;
+  }
+
   // Token t's contribution change when z_l[t, j] moves by d (routing frozen at the unperturbed top-k),
   // as a difference (module comment), from expm1_d = expm1(d) and expm1_neg_d = expm1(-d).
-  Delta perturbLogit(int l, Index t, int j, double expm1_d, double expm1_neg_d,
+  Delta perturbLogit(int l, const TokenRow& row, int j, double expm1_d, double expm1_neg_d,
                      const std::vector<char>& in_topk, bool aux_token, bool suffix,
                      Scratch& scratch) const {
-    const LayerCache& c = layers_[l];
-    const double* ex = &c.exp_shift[t * E_];
-    const double S = c.exp_sum[t];
+    const double S = row.S;
     // Change of sum_e exp(z_e - m): only z_j moved.
-    const double q = ex[j] * expm1_d;
+    const double q = row.ex[j] * expm1_d;
     // Sigmoid score change of expert j: sigma(z_j + d) - sigma(z_j).
-    const double qs = softmax_ ? 0.0 : sigmoidDelta(c.sig[t * E_ + j], c.sig_neg[t * E_ + j], expm1_neg_d);
+    const double qs = softmax_ ? 0.0 : sigmoidDelta(row.sig[j], row.sig_neg[j], expm1_neg_d);
     Delta delta;
     if (aux_token) {
-      const int g = groups_.aux_group[t];
-      const double w_j = c.aux_weight[std::size_t(g) * E_ + j];
-      const double a = c.aux_mean[t];
-      // a = N / S with N = sum_e w_e p_e-numerators; moving one numerator by w_j*q and the
-      // denominator by q changes a by q (w_j - a) / (S + q).
-      if (softmax_) delta.aux += q * (w_j - a) / (S + q);
-      else delta.aux += qs * (w_j - a) / (c.sig_sum[t] + qs);  // p = s / sum s (DESIGN §3)
-      const double zw = groups_.z_weight[t];
-      if (zw != 0.0) {
+      // a = N / S with N = sum_e w_e num_e: moving one numerator by w_j*q and the denominator by q
+      // changes a by q (w_j - a) / (S + q).
+      if (softmax_) delta.aux += q * (row.w[j] - row.a) / (S + q);
+      else delta.aux += qs * (row.w[j] - row.a) / (row.sig_sum + qs);  // p = s / sum s (DESIGN §3)
+      if (row.zw != 0.0) {
         // lse' - lse = log1p(q / S); lse'^2 - lse^2 = (lse' - lse)(lse' + lse).
         const double dl = std::log1p(q / S);
-        delta.aux += zw * dl * (2.0 * c.lse[t] + dl);
+        delta.aux += row.zw * dl * (2.0 * row.lse + dl);
       }
     }
     if (!suffix) return delta;
     // Gate weight changes of the (fixed) routed experts.
-    const int* topk = &c.topk[t * k_];
-    const double* gate = &c.gate[t * k_];
+    const Index t = row.t;
+    const LayerCache& c = layers_[l];
+    const int* topk = row.topk;
+    const double* gate = row.gate;
     double* dg = scratch.dg.data();
     bool any = false;
     if (softmax_ && !obj_.norm_topk_prob) {
@@ -645,10 +679,10 @@ class ReferenceModel {
       if (softmax_) {
         // g_s = exp(z_s - m) / sum_topk exp(z - m): unaffected by unrouted logits.
         for (int s = 0; s < k_; ++s)
-          dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (c.topk_sum[t] + q);
+          dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.topk_sum + q);
       } else if (obj_.norm_topk_prob) {
         for (int s = 0; s < k_; ++s)
-          dg[s] = qs * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (c.topk_sum[t] + qs);
+          dg[s] = qs * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.topk_sum + qs);
       } else {
         for (int s = 0; s < k_; ++s) dg[s] = topk[s] == j ? qs : 0.0;
       }
@@ -844,17 +878,35 @@ std::vector<double> chainRule(const double* hidden, const std::vector<double>& g
 }
 
 // Error bound carried through dW = h^T G: |sum_t h_ti err_te| <= ||h_{:,i}||_2 ||err_{:,e}||_2.
-double chainRuleErrorBound(const double* hidden, const std::vector<double>& err, Index T, int H, int E) {
+double chainRuleErrorBound(double max_hidden_column_norm, const std::vector<double>& err, Index T, int E) {
   if (err.empty()) return 0.0;
-  std::vector<double> h_norm(H, 0.0), e_norm(E, 0.0);
+  std::vector<double> e_norm(E, 0.0);
   for (Index t = 0; t < T; ++t) {
-    const double* ht = hidden + t * H;
-    for (int i = 0; i < H; ++i) h_norm[i] += ht[i] * ht[i];
     const double* et = &err[std::size_t(t) * E];
     for (int e = 0; e < E; ++e) e_norm[e] += et[e] * et[e];
   }
-  return std::sqrt(*std::max_element(h_norm.begin(), h_norm.end())) *
-         std::sqrt(*std::max_element(e_norm.begin(), e_norm.end()));
+  return max_hidden_column_norm * std::sqrt(*std::max_element(e_norm.begin(), e_norm.end()));
+}
+
+// One pass over a layer input h [T, H]: returns max_i ||h[:, i]||_2 and fills dots[d][t] = h_t . us[d].
+double hiddenPass(const double* h, Index T, int H, const std::vector<const double*>& us,
+                  const std::vector<double*>& dots) {
+  const int workers = workerCount();
+  std::vector<std::vector<double>> column_sq(workers);
+  const std::size_t n_dirs = us.size();
+  parallelFor(T, workers, [&](Index begin, Index end, int worker) {
+    std::vector<double> sq(H, 0.0);
+    for (Index t = begin; t < end; ++t) {
+      const double* ht = h + t * H;
+      for (int i = 0; i < H; ++i) sq[i] += ht[i] * ht[i];
+      for (std::size_t d = 0; d < n_dirs; ++d) dots[d][t] = dot(ht, us[d], H);
+    }
+    column_sq[worker] = std::move(sq);
+  });
+  std::vector<double> total(H, 0.0);
+  for (const auto& sq : column_sq)
+    for (int i = 0; i < int(sq.size()); ++i) total[i] += sq[i];
+  return std::sqrt(*std::max_element(total.begin(), total.end()));
 }
 
 }  // namespace
@@ -882,6 +934,31 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
   const Index T = data.tokens();
   const int H = data.hidden, E = data.experts, L = data.layers;
 
+  // Directional checks: random unit directions, rank one per layer (V_l = scale_l u_l v_l^T with
+  // Gaussian u_l, v_l and a Gaussian split of the unit norm over the layers). A rank-one direction
+  // makes V_l applied to every token cost O(T H) instead of a third [T,H]x[H,E] product.
+  SplitMix64 rng(options.direction_seed);
+  std::vector<std::vector<RankOneDirection>> directions(options.directional_checks,
+                                                        std::vector<RankOneDirection>(L));
+  for (auto& dir : directions) {
+    double layer_norm_sq = 0.0;
+    std::vector<double> layer_share(L);
+    for (int l = 0; l < L; ++l) {
+      layer_share[l] = L == 1 ? 1.0 : rng.normal();
+      layer_norm_sq += layer_share[l] * layer_share[l];
+    }
+    for (int l = 0; l < L; ++l) {
+      RankOneDirection& d = dir[l];
+      d.u.resize(H);
+      d.v.resize(E);
+      for (auto& value : d.u) value = rng.normal();
+      for (auto& value : d.v) value = rng.normal();
+      const double nu = std::sqrt(dot(d.u.data(), d.u.data(), H)), nv = std::sqrt(dot(d.v.data(), d.v.data(), E));
+      d.scale = layer_share[l] / std::sqrt(layer_norm_sq) / (nu * nv);
+      d.hidden_dot_u.resize(T);
+    }
+  }
+
   ReferenceResult result;
   result.layers.resize(L);
   result.empty_groups = model.groups().empty_groups;
@@ -891,58 +968,41 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
     out.z_value = model.layer(l).z_value;
     result.aux_value += out.aux_value;
     result.z_value += out.z_value;
+    const double* h = model.hidden(l);
+    std::vector<const double*> us;
+    std::vector<double*> dots;
+    for (auto& dir : directions) {
+      us.push_back(dir[l].u.data());
+      dots.push_back(dir[l].hidden_dot_u.data());
+    }
+    const double max_column_norm = hiddenPass(h, T, H, us, dots);
     std::vector<double> grad_aux, err_aux, grad_main, err_main;
     model.logitGradients(l, options, grad_aux, err_aux, grad_main, err_main, result.near_ties,
                          result.frozen_elements, result.max_step);
-    const double* h = model.hidden(l);
     out.aux_grad = chainRule(h, grad_aux, T, H, E);
-    out.aux_fd_error = chainRuleErrorBound(h, err_aux, T, H, E);
+    out.aux_fd_error = chainRuleErrorBound(max_column_norm, err_aux, T, E);
     if (options.with_main) {
       out.main_grad = chainRule(h, grad_main, T, H, E);
-      out.main_fd_error = chainRuleErrorBound(h, err_main, T, H, E);
+      out.main_fd_error = chainRuleErrorBound(max_column_norm, err_main, T, E);
     }
     result.fd_error_estimate = std::max(result.fd_error_estimate, out.aux_fd_error);
   }
   if (options.with_main) result.main_value = model.mainValue();
 
-  // Directional checks: random unit directions, rank one per layer (V_l = scale_l u_l v_l^T with
-  // Gaussian u_l, v_l and a Gaussian split of the unit norm over the layers). A rank-one direction
-  // makes V_l applied to every token cost O(T H) instead of a third [T,H]x[H,E] product.
-  SplitMix64 rng(options.direction_seed);
-  for (int check = 0; check < options.directional_checks; ++check) {
-    std::vector<RankOneDirection> dir(L);
-    double layer_norm_sq = 0.0;
-    std::vector<double> layer_share(L);
-    for (int l = 0; l < L; ++l) {
-      layer_share[l] = L == 1 ? 1.0 : rng.normal();
-      layer_norm_sq += layer_share[l] * layer_share[l];
-    }
+  for (const auto& dir : directions) {
     double logit_scale = 0.0;  // max |h_l[t] . V_l[:, e]|: logit change per unit step
-    for (int l = 0; l < L; ++l) {
-      RankOneDirection& d = dir[l];
-      d.u.resize(H);
-      d.v.resize(E);
-      for (auto& value : d.u) value = rng.normal();
-      for (auto& value : d.v) value = rng.normal();
-      const double nu = std::sqrt(dot(d.u.data(), d.u.data(), H)), nv = std::sqrt(dot(d.v.data(), d.v.data(), E));
-      d.scale = layer_share[l] / std::sqrt(layer_norm_sq) / (nu * nv);
-      const double* h = model.hidden(l);
-      d.hidden_dot_u.resize(T);
-      double max_hu = 0.0, max_v = 0.0;
-      for (Index t = 0; t < T; ++t) {
-        d.hidden_dot_u[t] = dot(h + t * H, d.u.data(), H);
-        max_hu = std::max(max_hu, std::abs(d.hidden_dot_u[t]));
-      }
-      for (double value : d.v) max_v = std::max(max_v, std::abs(value));
-      logit_scale = std::max(logit_scale, std::abs(d.scale) * max_hu * max_v);
-    }
     DirectionalDerivative check_result;
     check_result.direction.resize(L);
     for (int l = 0; l < L; ++l) {
+      const RankOneDirection& d = dir[l];
+      double max_hu = 0.0, max_v = 0.0;
+      for (double value : d.hidden_dot_u) max_hu = std::max(max_hu, std::abs(value));
+      for (double value : d.v) max_v = std::max(max_v, std::abs(value));
+      logit_scale = std::max(logit_scale, std::abs(d.scale) * max_hu * max_v);
       auto& dense = check_result.direction[l];
       dense.resize(std::size_t(H) * E);
       for (int i = 0; i < H; ++i)
-        for (int e = 0; e < E; ++e) dense[std::size_t(i) * E + e] = dir[l].scale * dir[l].u[i] * dir[l].v[e];
+        for (int e = 0; e < E; ++e) dense[std::size_t(i) * E + e] = d.scale * d.u[i] * d.v[e];
     }
     // Largest logit change ~1e-3 at the largest step.
     const double eps = logit_scale > 0.0 ? 1e-3 / logit_scale : 1e-3;

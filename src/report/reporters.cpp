@@ -321,10 +321,6 @@ void JsonReporter::write(const Report& report, std::ostream& out) const {
 
 // ---------------------------------------------------------------- JUnit
 
-namespace {
-
-// Escapes text for XML 1.0 attributes and element content. Characters XML 1.0 cannot carry at all
-// (controls other than tab, newline, carriage return) become '?'.
 std::string xmlEscape(const std::string& text, bool attribute) {
   std::string escaped;
   escaped.reserve(text.size());
@@ -344,6 +340,8 @@ std::string xmlEscape(const std::string& text, bool attribute) {
   }
   return escaped;
 }
+
+namespace {
 
 std::string attr(const std::string& text) { return xmlEscape(text, true); }
 std::string text(const std::string& text) { return xmlEscape(text, false); }

@@ -63,6 +63,10 @@ class JUnitReporter : public Reporter {
   void write(const Report& report, std::ostream& out) const override;
 };
 
+// Escapes text for XML 1.0 attributes (attribute = true) or element content. Characters XML 1.0
+// cannot carry at all (controls other than tab, newline, carriage return) become '?'.
+std::string xmlEscape(const std::string& text, bool attribute);
+
 // The reporter's output as a string.
 std::string renderToString(const Reporter& reporter, const Report& report);
 

@@ -10,32 +10,32 @@ const std::vector<PresetInfo>& presetCatalog() {
        "MoEAuxLossAutoScaler on the router scores, backward scale cp/M; DDP averages over dp*cp; "
        "main loss mean per microbatch / M",
        "Megatron-LM moe_utils.MoEAuxLossAutoScaler, schedules.forward_step_calc_loss (PR #2237)",
-       MainLossScope::kMicrobatchMean},
+       MainLossScope::kMicrobatchMean, GroupWeighting::kUniform},
       {"megatron_per_token",
        "--calculate-per-token-loss: aux premultiplied by valid tokens*cp, backward scale 1; grads "
        "summed over dp*cp and divided by the global loss-token count in finalize_model_grads",
        "Megatron-LM router.attach_and_log_load_balancing_loss, finalize_model_grads (PR #5047)",
-       MainLossScope::kTokenMean},
+       MainLossScope::kTokenMean, GroupWeighting::kTokens},
       {"nemo_automodel",
        "copy of MoEAuxLossAutoScaler, main_loss_backward_scale = cp/M (x num_label_tokens/(dp*cp) "
        "with PP); FSDP averages over dp*cp; main loss sum / global label tokens * dp*cp",
        "NeMo Automodel layers.Gate, BaseRecipe._set_moe_aux_loss_backward_scale (PR #3359)",
-       MainLossScope::kTokenMean},
+       MainLossScope::kTokenMean, GroupWeighting::kUniform},
       {"torchtitan",
        "identity-forward autograd.Function on the scores, coeff/global_valid_tokens applied at "
        "injection; FSDP gradient division disabled (sum over dp)",
        "torchtitan AuxLoss / _AuxLossInjection (PR #3864), disable_fsdp_gradient_division",
-       MainLossScope::kTokenMean},
+       MainLossScope::kTokenMean, GroupWeighting::kTokens},
       {"deepspeed",
        "l_aux returned and added to the loss by the user; engine divides by gradient accumulation "
        "steps and averages over dp",
-       "DeepSpeed sharded_moe.topkgating, engine.backward", MainLossScope::kMicrobatchMean},
+       "DeepSpeed sharded_moe.topkgating, engine.backward", MainLossScope::kMicrobatchMean, GroupWeighting::kUniform},
       {"hf_trainer",
        "aux added to the loss inside the model forward (loss += coef*aux); Trainer with "
        "average_tokens_across_devices; aux divided by accumulation steps and kept out of the "
        "world-size multiply (the fix proposed in PRs #48691/#48706)",
        "HF transformers load_balancing_loss_func, Trainer.training_step (#48690)",
-       MainLossScope::kTokenMean},
+       MainLossScope::kTokenMean, GroupWeighting::kUniform},
   };
   return presets;
 }
@@ -47,7 +47,7 @@ const std::vector<FaultInfo>& faultCatalog() {
        "NeMo Automodel #1408 (fixed by PR #1412)", "AUX_GRAD_MISSING", "0"},
       {"missing_backward_scale",
        "main_loss_backward_scale never set (stays 1) while DP averaging and PP rescaling still apply",
-       "NeMo Automodel #1408 (fixed by PR #1412)", "AUX_GRAD_SCALED", "1/(dp*cp) or 1/tokens with PP"},
+       "NeMo Automodel #1408 (fixed by PR #1412)", "AUX_GRAD_SCALED", "M/cp"},
       {"accumulation_overweight",
        "backward scale set to dp*cp, ignoring gradient accumulation: aux summed over microbatches",
        "NeMo Automodel between PR #1412 and PR #3359", "AUX_GRAD_SCALED", "M"},

@@ -14,6 +14,7 @@ struct PresetInfo {
   std::string summary;  // one line: how it injects and scales the aux gradient
   std::string source;   // files / PRs it follows (ANCHORS.md section)
   MainLossScope main_loss_scope;
+  GroupWeighting aux_group_weighting;  // kUniform or kTokens: how the preset averages aux groups
 };
 
 struct FaultInfo {

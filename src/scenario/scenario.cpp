@@ -33,6 +33,7 @@ using OrderedJson = nlohmann::ordered_json;
 constexpr const char* kScoreNames[] = {"softmax", "sigmoid"};
 constexpr const char* kAuxScopeNames[] = {"micro_batch", "sequence", "global_batch"};
 constexpr const char* kZLossScopeNames[] = {"micro_batch", "global_batch"};
+constexpr const char* kGroupWeightingNames[] = {"preset", "uniform", "tokens"};
 constexpr const char* kDTypeNames[] = {"float64", "float32", "bfloat16"};
 constexpr const char* kScheduleNames[] = {"gpipe", "1f1b", "interleaved_1f1b"};
 constexpr const char* kCpLayoutNames[] = {"contiguous", "zigzag"};
@@ -59,8 +60,8 @@ const std::vector<std::string> kTopLevelKeys = {
 const std::vector<std::string> kModelKeys = {"hidden", "experts", "top_k",          "layers",
                                              "ffn",    "score",   "norm_topk_prob", "dtype"};
 const std::vector<std::string> kDataKeys = {"batch", "seq_len", "valid_lengths", "safetensors"};
-const std::vector<std::string> kAuxKeys = {"type", "coeff", "z_loss_coeff", "z_loss_scope",
-                                           "exclude_padding"};
+const std::vector<std::string> kAuxKeys = {"type",         "coeff",           "z_loss_coeff",
+                                           "z_loss_scope", "exclude_padding", "group_weighting"};
 const std::vector<std::string> kMeshKeys = {"dp",       "pp",           "cp",
                                             "microbatches", "schedule", "virtual_stages",
                                             "cp_layout"};
@@ -447,6 +448,9 @@ class ScenarioReader {
           readEnum(aux["z_loss_scope"], "/aux/z_loss_scope", kZLossScopeNames));
     if (aux.contains("exclude_padding"))
       out.exclude_padding = readBool(aux["exclude_padding"], "/aux/exclude_padding");
+    if (aux.contains("group_weighting"))
+      out.group_weighting = static_cast<GroupWeighting>(
+          readEnum(aux["group_weighting"], "/aux/group_weighting", kGroupWeightingNames));
   }
 
   void readMesh(const Json& mesh, MeshConfig& out) const {
@@ -734,7 +738,8 @@ std::string scenarioToJsonText(const Scenario& scenario, int indent) {
                            {"coeff", aux.coeff},
                            {"z_loss_coeff", aux.z_loss_coeff},
                            {"z_loss_scope", toString(aux.z_loss_scope)},
-                           {"exclude_padding", aux.exclude_padding}};
+                           {"exclude_padding", aux.exclude_padding},
+                           {"group_weighting", toString(aux.group_weighting)}};
 
   const MeshConfig& mesh = scenario.mesh;
   out["mesh"] = OrderedJson{{"dp", mesh.dp},
@@ -789,6 +794,7 @@ const char* enumName(Enum value, const char* const (&names)[N]) {
 const char* toString(ScoreFunction v) { return enumName(v, kScoreNames); }
 const char* toString(AuxScope v) { return enumName(v, kAuxScopeNames); }
 const char* toString(ZLossScope v) { return enumName(v, kZLossScopeNames); }
+const char* toString(GroupWeighting v) { return enumName(v, kGroupWeightingNames); }
 const char* toString(DType v) { return enumName(v, kDTypeNames); }
 const char* toString(Schedule v) { return enumName(v, kScheduleNames); }
 const char* toString(CpLayout v) { return enumName(v, kCpLayoutNames); }

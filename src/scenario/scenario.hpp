@@ -20,6 +20,13 @@ enum class CpLayout { kContiguous, kZigzag };
 //  kTokenMean:      one mean over all valid tokens of the global batch (Megatron per-token mode,
 //                   NeMo Automodel, torchtitan, HF Trainer with average_tokens_across_devices).
 enum class MainLossScope { kMicrobatchMean, kTokenMean };
+// How the aux groups of one step are averaged:
+//  kUniform: every group (with tokens) weighs the same: alpha * mean over groups (Megatron default,
+//            NeMo Automodel, DeepSpeed, HF);
+//  kTokens:  groups weigh by their token count: alpha * sum_G T_G L_G / sum_G T_G (Megatron
+//            per-token mode, torchtitan: raw_sum * coeff / global_valid_tokens);
+//  kPreset:  whichever the preset computes (the default).
+enum class GroupWeighting { kPreset, kUniform, kTokens };
 
 struct ModelConfig {
   int hidden = 32;
@@ -48,6 +55,7 @@ struct AuxConfig {
   double z_loss_coeff = 0.0;
   ZLossScope z_loss_scope = ZLossScope::kMicroBatch;
   bool exclude_padding = true;
+  GroupWeighting group_weighting = GroupWeighting::kPreset;
 };
 
 struct MeshConfig {
@@ -119,6 +127,7 @@ const char* toString(DType v);
 const char* toString(Schedule v);
 const char* toString(CpLayout v);
 const char* toString(MainLossScope v);
+const char* toString(GroupWeighting v);
 DType parseDType(const std::string& name);  // throws UsageError on an unknown name
 
 }  // namespace moe

@@ -91,6 +91,40 @@ double Convention::postReductionScale(const ScaleInputs& in) const {
   return 1.0;
 }
 
+namespace {
+
+// A fault that the scenario's preset or aux scope cannot express would silently do nothing; refuse it.
+void requireFaultApplies(const Scenario& sc, const Convention& c, size_t index) {
+  const std::string& f = sc.faults[index];
+  const std::string path = "/faults/" + std::to_string(index);
+  auto require = [&](bool ok, const std::string& what) {
+    if (!ok) throw InputError(sc.source_file, path, "fault '" + f + "' applies only " + what);
+  };
+  const bool autoscaler = c.injection == Injection::kAutoScaler;
+  const bool global = sc.aux.type == AuxScope::kGlobalBatch;
+  if (f == "missing_backward_scale" || f == "accumulation_overweight")
+    require(autoscaler, "to presets that inject with MoEAuxLossAutoScaler (megatron, "
+                        "megatron_per_token, nemo_automodel)");
+  if (f == "missing_cp_scale")
+    require(c.preset == "megatron" || c.preset == "nemo_automodel",
+            "to presets whose backward scale carries x cp (megatron, nemo_automodel)");
+  if (f == "global_token_normalization")
+    require(global && c.grad_reduction == GradReduction::kMean,
+            "to aux.type global_batch with a DP-averaging preset (megatron, nemo_automodel, "
+            "deepspeed, hf_trainer)");
+  if (f == "seq_aux_missing_mbs")
+    require(c.preset == "megatron_per_token" && sc.aux.type == AuxScope::kSequence,
+            "to preset megatron_per_token with aux.type sequence");
+  if (f == "world_size_multiply")
+    require(c.injection == Injection::kLossAdd, "to loss-add presets (deepspeed, hf_trainer)");
+  if (f == "autograd_allreduce_stats")
+    require(sc.aux.type != AuxScope::kSequence, "to aux.type micro_batch or global_batch");
+  if (f == "stale_token_denominator" || f == "batch_wise_counts_per_microbatch")
+    require(global, "to aux.type global_batch");
+}
+
+}  // namespace
+
 Convention conventionFor(const Scenario& sc) {
   Convention c;
   c.preset = sc.framework.preset;
@@ -110,6 +144,7 @@ Convention conventionFor(const Scenario& sc) {
   } else {
     throw InputError(sc.source_file, "/framework/preset", "unknown preset '" + c.preset + "'");
   }
+  for (size_t i = 0; i < sc.faults.size(); ++i) requireFaultApplies(sc, c, i);
   return c;
 }
 

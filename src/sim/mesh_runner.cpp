@@ -20,6 +20,11 @@ MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& o
     try {
       EmulatedCommunicator comm(emulated, rank);
       results[rank] = runRank(inputs, comm);
+    } catch (const c10::Error& e) {
+      // LibTorch errors carry a C++ backtrace in what(); the user needs the message and the rank.
+      errors[rank] = std::make_exception_ptr(
+          RuntimeFailure("emulated", rank, "rank program", e.what_without_backtrace()));
+      emulated.abort("rank " + std::to_string(rank) + " failed: " + e.what_without_backtrace());
     } catch (const std::exception& e) {
       errors[rank] = std::current_exception();
       emulated.abort("rank " + std::to_string(rank) + " failed: " + e.what());

@@ -94,8 +94,9 @@ class RankProgram {
   int prevRank(int v) const;
   // Message tag of the activation (direction 0) or activation gradient (1) that model chunk
   // `receiver_chunk` receives for `microbatch`; sender and receiver compute the same value.
+  // Direction 2 is the forward-only counts pre-pass.
   int tag(int microbatch, int receiver_chunk, int direction) const {
-    return (microbatch * in_.layout.chunks() + receiver_chunk) * 2 + direction;
+    return (microbatch * in_.layout.chunks() + receiver_chunk) * 3 + direction;
   }
   ScaleInputs scaleInputs(int microbatch) const;
 
@@ -111,6 +112,12 @@ class RankProgram {
   TokenTotals totals_;
   std::map<int, at::Tensor> router_weight_;  // owned layers -> leaf with grad
   std::map<std::pair<int, int>, InFlight> in_flight_;
+  std::map<int, at::Tensor> global_stats_;    // layer -> [E+1] counts and tokens of the global batch
+  std::map<int, at::Tensor> running_counts_;  // stale_token_denominator: running count sums
+  std::map<int, int> running_steps_;
+
+  at::Tensor allReduceWithSummedBackward(const at::Tensor& t, CommGroup group);
+  void countGlobalRouting();
 };
 
 int RankProgram::nextRank(int v) const {
@@ -154,11 +161,11 @@ at::Tensor RankProgram::auxValue(const Routing& r, const TokenShard& shard, int 
       // micro-batch's sequences (divided by its size B).
       const int mbs = in_.layout.microBatchSize();
       const at::Tensor seq = shard.sequence.index_select(0, aux_rows);
-      at::Tensor stats = torch::zeros({mbs, E + 1}, at::kDouble);
-      stats.narrow(1, 0, E).view(-1).index_add_(
-          0, (seq.unsqueeze(1) * E + topk).reshape(-1),
-          torch::ones({topk.numel()}, at::kDouble));
-      stats.select(1, E).index_add_(0, seq, torch::ones({seq.numel()}, at::kDouble));
+      const at::Tensor seq_counts = torch::zeros({mbs * E}, at::kDouble).index_add_(
+          0, (seq.unsqueeze(1) * E + topk).reshape(-1), torch::ones({topk.numel()}, at::kDouble));
+      const at::Tensor seq_tokens =
+          torch::zeros({mbs}, at::kDouble).index_add_(0, seq, torch::ones({seq.numel()}, at::kDouble));
+      at::Tensor stats = torch::cat({seq_counts.view({mbs, E}), seq_tokens.unsqueeze(1)}, 1).contiguous();
       comm_.allReduceSum(stats, CommGroup::kContext);
       // P-hat per sequence: sum of this rank's probabilities of that sequence's tokens.
       at::Tensor p_sum = torch::zeros({mbs, E}, probs.options()).index_add(0, seq, probs);
@@ -172,18 +179,47 @@ at::Tensor RankProgram::auxValue(const Routing& r, const TokenShard& shard, int 
                           torch::where(present, per_seq, torch::zeros_like(per_seq)).sum() / mbs;
     } else {
       // Megatron switch_load_balancing_loss_func: E/(k T^2) sum_e c_e sum_t p_te, with c and T
-      // all-reduced over CP (micro_batch) or over dp*cp (global_batch, _apply_global_aux_loss).
+      // all-reduced over CP (micro_batch) or taken over the whole global batch (global_batch).
       at::Tensor stats = torch::zeros({E + 1}, at::kDouble);
       stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
       stats[E] = static_cast<double>(aux_rows.numel());
-      const bool global = sc.aux.type == AuxScope::kGlobalBatch &&
-                          !in_.convention.has("batch_wise_counts_per_microbatch");
-      comm_.allReduceSum(stats, global ? CommGroup::kDataContext : CommGroup::kContext);
+      double mult = in_.convention.auxValueMultiplier(scale, sc.aux.type);
+      CommGroup stats_group = CommGroup::kContext;
+      if (sc.aux.type == AuxScope::kGlobalBatch) {
+        stats_group = CommGroup::kDataContext;
+        if (in_.convention.has("batch_wise_counts_per_microbatch")) {
+          // torchtitan PR #3000: counts all-reduced over dp*cp for the current microbatch only; the
+          // microbatch losses are then averaged: the objective changes with M.
+          comm_.allReduceSum(stats, CommGroup::kDataContext);
+          mult /= in_.layout.microbatches;
+        } else if (in_.convention.has("stale_token_denominator")) {
+          // Megatron _apply_global_aux_loss (#7197/#7213): counts accumulate over the accumulation
+          // steps (running mean), but T is the current microbatch's token count.
+          comm_.allReduceSum(stats, CommGroup::kDataContext);
+          at::Tensor& running = running_counts_[layer];
+          running = running.defined() ? running + stats.narrow(0, 0, E) : stats.narrow(0, 0, E).clone();
+          const double steps = ++running_steps_[layer];
+          stats.narrow(0, 0, E).copy_(running / steps);
+          mult /= in_.layout.microbatches;
+        } else {
+          // Exact global-batch counts of every microbatch (counts pre-pass, see countGlobalRouting).
+          stats = global_stats_.at(layer).clone();
+        }
+      } else {
+        comm_.allReduceSum(stats, CommGroup::kContext);
+      }
       const double T = stats[E].item<double>();
       if (T > 0) {
         const at::Tensor counts = stats.narrow(0, 0, E).to(dtype_);
-        const at::Tensor partial = (counts * probs.sum(0)).sum() * (double(E) / (k * T * T));
-        value = value + alpha * in_.convention.auxValueMultiplier(scale, sc.aux.type) * partial;
+        at::Tensor p_hat = probs.sum(0);
+        if (in_.convention.has("autograd_allreduce_stats")) {
+          // Every rank computes the full group loss from all-reduced P-hat, as Automodel does with
+          // DTensor full_tensor(); torch.distributed.nn.all_reduce also all-reduces the gradient in
+          // backward, multiplying it by the group size (pytorch #58005).
+          p_hat = allReduceWithSummedBackward(p_hat, stats_group);
+        }
+        const at::Tensor partial = (counts * p_hat).sum() * (double(E) / (k * T * T));
+        value = value + alpha * mult * partial;
       }
     }
   }
@@ -294,6 +330,74 @@ void RankProgram::backward(int microbatch, int v) {
   }
 }
 
+namespace {
+
+// An all-reduce whose backward all-reduces the gradient too (torch.distributed.nn.all_reduce's
+// semantics); the correct statistics all-reduce has an identity backward.
+struct SummingAllReduce : public torch::autograd::Function<SummingAllReduce> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor input, int64_t comm_ptr,
+                            int64_t group) {
+    ctx->saved_data["comm"] = comm_ptr;
+    ctx->saved_data["group"] = group;
+    at::Tensor out = input.detach().clone();
+    reinterpret_cast<Communicator*>(comm_ptr)->allReduceSum(out, static_cast<CommGroup>(group));
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    at::Tensor g = grads[0].contiguous().clone();
+    comm->allReduceSum(g, static_cast<CommGroup>(ctx->saved_data["group"].toInt()));
+    return {g, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor RankProgram::allReduceWithSummedBackward(const at::Tensor& t, CommGroup group) {
+  return SummingAllReduce::apply(t, reinterpret_cast<int64_t>(&comm_), static_cast<int64_t>(group));
+}
+
+// Global-batch counts must cover every microbatch before any of them is differentiated, so a
+// forward-only pass (no autograd) runs the whole batch through the pipeline first and all-reduces
+// the per-layer counts over dp x cp. This is the exact form of the count buffer that the Qwen
+// global-batch balancing (arXiv 2501.11873) and torchtitan's BatchWiseLoadBalanceLoss approximate.
+void RankProgram::countGlobalRouting() {
+  torch::NoGradGuard no_grad;
+  const MeshLayout& L = in_.layout;
+  const Scenario& sc = in_.scenario;
+  const int E = sc.model.experts;
+  std::map<int, at::Tensor> local;
+  for (int v = 0; v < L.virtual_stages; ++v) {
+    const int first = L.chunkFirstLayer(me_.pp, v);
+    for (int l = first; l < first + L.layersPerChunk(); ++l) local[l] = torch::zeros({E + 1}, at::kDouble);
+    for (int m = 0; m < L.microbatches; ++m) {
+      const TokenShard shard = makeShard(in_, me_, m);
+      at::Tensor h;
+      if (isFirstChunk(v)) {
+        h = in_.x.index_select(0, shard.index);
+      } else {
+        h = torch::empty({shard.tokens, in_.x.size(1)}, in_.x.options());
+        comm_.recv(h, prevRank(v), tag(m, chunkIndex(v), 2));
+      }
+      for (int l = first; l < first + L.layersPerChunk(); ++l) {
+        const LayerWeights& w = in_.layers[l];
+        const Routing r = routeTokens(h, w.router_weight, sc.model);
+        const at::Tensor rows = shard.aux_mask.nonzero().squeeze(1);
+        local[l].narrow(0, 0, E).add_(
+            torch::bincount(r.topk.index_select(0, rows).reshape(-1), {}, E).to(at::kDouble));
+        local[l][E] += static_cast<double>(rows.numel());
+        h = applyExperts(h, r.topk, r.gates, w);
+      }
+      if (!isLastChunk(v)) comm_.send(h, nextRank(v), tag(m, chunkIndex(v) + 1, 2));
+    }
+  }
+  for (auto& [layer, stats] : local) {
+    comm_.allReduceSum(stats, CommGroup::kDataContext);
+    global_stats_[layer] = stats;
+  }
+}
+
 RankResult RankProgram::run() {
   const MeshLayout& L = in_.layout;
   for (int v = 0; v < L.virtual_stages; ++v) {
@@ -302,6 +406,7 @@ RankResult RankProgram::run() {
       router_weight_[l] = in_.layers[l].router_weight.clone().set_requires_grad(true);
   }
   totals_ = countTokens(in_, me_, comm_);
+  if (in_.scenario.aux.type == AuxScope::kGlobalBatch && in_.knobs.aux_coeff != 0.0) countGlobalRouting();
   for (const PipelineAction& a :
        pipelineSchedule(in_.scenario.mesh.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {
     if (a.kind == PipelineAction::kForward) forward(a.microbatch, a.virtual_stage);

@@ -403,7 +403,7 @@ const RejectCase kUnknownKeyCases[] = {
     {"data", kMin, "/data/mask", "[]", "/data/mask",
      "allowed keys in /data: batch, seq_len, valid_lengths, safetensors"},
     {"aux", kMin, "/aux/alpha", "0.1", "/aux/alpha",
-     "allowed keys in /aux: type, coeff, z_loss_coeff, z_loss_scope, exclude_padding"},
+     "allowed keys in /aux: type, coeff, z_loss_coeff, z_loss_scope, exclude_padding, group_weighting"},
     {"mesh", kMin, "/mesh/world", "4", "/mesh/world",
      "allowed keys in /mesh: dp, pp, cp, microbatches, schedule, virtual_stages, cp_layout"},
     {"framework", kMin, "/framework/name", R"("megatron")", "/framework/name",
@@ -656,7 +656,8 @@ TEST(ScenarioOutput, EchoHasEveryKeyInInputOrder) {
   EXPECT_EQ(keysOf(echo["data"]),
             (std::vector<std::string>{"batch", "seq_len", "valid_lengths", "safetensors"}));
   EXPECT_EQ(keysOf(echo["aux"]), (std::vector<std::string>{"type", "coeff", "z_loss_coeff",
-                                                           "z_loss_scope", "exclude_padding"}));
+                                                           "z_loss_scope", "exclude_padding",
+                                                           "group_weighting"}));
   EXPECT_EQ(keysOf(echo["mesh"]),
             (std::vector<std::string>{"dp", "pp", "cp", "microbatches", "schedule", "virtual_stages",
                                       "cp_layout"}));

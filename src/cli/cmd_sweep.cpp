@@ -1,0 +1,59 @@
+// `moe-lbcheck sweep SCENARIO.json --world N`: every dp x pp x cp (x M) layout the scenario allows.
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "app/sweep.hpp"
+#include "cli/commands.hpp"
+#include "cli/overrides.hpp"
+#include "common/errors.hpp"
+#include "report/reporters.hpp"
+
+namespace moe::cli {
+
+struct SweepCliOptions {
+  std::string scenario;
+  int world = 0;
+  bool fixed_microbatches = false;
+  ScenarioOverrides overrides;
+  std::string report_json;
+  std::string junit_xml;
+  bool quiet = false;
+};
+
+int runSweepCommand(const SweepCliOptions& opt) {
+  Scenario sc = loadScenarioFile(opt.scenario);
+  applyOverrides(sc, opt.overrides);
+  SweepOptions options;
+  options.world = opt.world;
+  options.all_microbatches = !opt.fixed_microbatches;
+  const SweepResult result = runSweep(sc, options, [&](int i, int n, const MeshConfig& m) {
+    if (!opt.quiet)
+      std::cerr << fmt::format("[{}/{}] dp={} pp={} cp={} M={}\n", i + 1, n, m.dp, m.pp, m.cp, m.microbatches);
+  });
+  const std::string console = renderSweepConsole(result);
+  const std::string json = opt.report_json.empty() ? "" : renderSweepJson(result);
+  const std::string junit = opt.junit_xml.empty() ? "" : renderSweepJUnit(result);
+  if (!opt.report_json.empty()) writeFileAtomically(opt.report_json, json);
+  if (!opt.junit_xml.empty()) writeFileAtomically(opt.junit_xml, junit);
+  std::cout << console << std::flush;
+  return result.passed() ? 0 : static_cast<int>(ExitCode::kCheckFailed);
+}
+
+void setupSweepCommand(CLI::App& app, int& exit_code) {
+  auto opt = std::make_shared<SweepCliOptions>();
+  CLI::App* sub = app.add_subcommand("sweep", "Run a scenario on every layout of a world size; exit 1 if any fails");
+  sub->add_option("scenario", opt->scenario, "Scenario JSON file")->required();
+  sub->add_option("--world", opt->world, "World size dp*pp*cp")->required()->check(CLI::Range(1, 4096));
+  sub->add_flag("--fixed-microbatches", opt->fixed_microbatches,
+                "Keep the scenario's microbatch count instead of trying every count the batch allows");
+  addOverrideOptions(*sub, opt->overrides);
+  sub->add_option("--report", opt->report_json, "Write the sweep as JSON (schema_version 1) here");
+  sub->add_option("--junit", opt->junit_xml, "Write JUnit XML (one testcase per layout) here");
+  sub->add_flag("-q,--quiet", opt->quiet, "No progress on stderr");
+  sub->callback([opt, &exit_code] { exit_code = runSweepCommand(*opt); });
+}
+
+}  // namespace moe::cli

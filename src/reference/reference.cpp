@@ -8,10 +8,12 @@
 //    (second dgemm). dJ/dz_l[t,e] is obtained by central finite differences of token t's own
 //    contribution phi_t (the model has no attention, so a logit of token t changes only token t's path;
 //    with the counts c_e and the routing held fixed J is a sum of such per-token terms).
-//  * phi_t(z + d e_j) - phi_t(z) is evaluated *as a difference* in closed form (expm1/log1p and the
-//    identities sigma(x+d) - sigma(x) = -sigma(x+d) sigma(-x) expm1(-d),
-//    tanh(x+d) - tanh(x) = sinh(d) / (cosh(x+d) cosh(x))), never as the difference of two large
-//    values, so the differences keep full relative precision and the only FD error left is truncation.
+//  * phi_t(z + d e_j) - phi_t(z) is evaluated *as a difference* in closed form: expm1/log1p for the
+//    softmax sums and the logsumexp, sigma(x+d) - sigma(x) = -sigma(x+d) sigma(-x) expm1(-d),
+//    tanh(x+d) - tanh(x) = sinh(d) / (cosh(x+d) cosh(x)), ratio changes (N+dN)/(S+dS) - N/S =
+//    (dN - (N/S) dS) / (S + dS). Never as the difference of two large values, so the differences keep
+//    full relative precision and the only FD error left is truncation (then removed by Richardson).
+//    For the single-layer aux/z terms one perturbation costs O(1) (expm1 of the step is tabled).
 //  * Richardson: D(h) and D(h/2) give R = (4 D(h/2) - D(h)) / 3, the number reported. Its error is
 //    estimated from one more level, D(h/4): |R(h) - R(h/2)| * 16/15 (the O(h^4) term of R). The plain
 //    |D(h/2) - D(h)| / 3 estimates the error of D(h/2), not of R, and would overstate the error of the

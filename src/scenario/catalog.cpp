@@ -7,7 +7,7 @@ namespace moe {
 const std::vector<PresetInfo>& presetCatalog() {
   static const std::vector<PresetInfo> presets = {
       {"megatron",
-       "MoEAuxLossAutoScaler on the router scores, backward scale cp/M; DDP averages over dp*cp; "
+       "MoEAuxLossAutoScaler on the routing weights, backward scale cp/M; DDP averages over dp*cp; "
        "main loss mean per microbatch / M",
        "Megatron-LM moe_utils.MoEAuxLossAutoScaler, schedules.forward_step_calc_loss (PR #2237)",
        MainLossScope::kMicrobatchMean, GroupWeighting::kUniform},
@@ -49,7 +49,7 @@ const std::vector<FaultInfo>& faultCatalog() {
        "main_loss_backward_scale never set (stays 1) while DP averaging and PP rescaling still apply",
        "NeMo Automodel #1408 (fixed by PR #1412)", "AUX_GRAD_SCALED", "M/cp"},
       {"accumulation_overweight",
-       "backward scale set to dp*cp, ignoring gradient accumulation: aux summed over microbatches",
+       "backward scale without the / M of gradient accumulation: the aux gradient is summed over microbatches (the over-weighting PR #3359 removed from PR #1412's scale)",
        "NeMo Automodel between PR #1412 and PR #3359", "AUX_GRAD_SCALED", "M"},
       {"global_token_normalization",
        "global aux loss divided by the global token count while probs stay local",

@@ -331,6 +331,29 @@ TEST(ReferenceAccuracy, RichardsonEstimateIsSmall) {
   EXPECT_FALSE(r.method.empty());
 }
 
+// Single layer, softmax, one group: the directional derivative equals <analytic gradient, V>.
+TEST(ReferenceAccuracy, DirectionalDerivativeEqualsAnalyticGradientDotDirection) {
+  ProblemData d = randomProblem(19, 2, 6, 8, 6, 3, 1);
+  const double alpha = 0.01;
+  ReferenceOptions options = auxOptions();
+  options.directional_checks = 2;
+  const auto r = computeReference(d, auxOnly(ScoreFunction::kSoftmax, 2, AuxScope::kGlobalBatch, alpha), options);
+  const auto analytic = analyticSoftmaxAuxGrad(d, 2, alpha);
+  ASSERT_EQ(r.directional.size(), 2u);
+  double norm = 0.0;
+  for (double g : analytic) norm += g * g;
+  norm = std::sqrt(norm);
+  for (const auto& check : r.directional) {
+    double dot = 0.0;
+    for (std::size_t i = 0; i < analytic.size(); ++i) dot += analytic[i] * check.direction[0][i];
+    EXPECT_NEAR(check.derivative, dot, 1e-10 * norm);
+  }
+  // Different directions, deterministic in the seed.
+  EXPECT_NE(r.directional[0].direction[0], r.directional[1].direction[0]);
+  const auto again = computeReference(d, auxOnly(ScoreFunction::kSoftmax, 2, AuxScope::kGlobalBatch, alpha), options);
+  EXPECT_EQ(again.directional[0].direction[0], r.directional[0].direction[0]);
+}
+
 // The directional derivative along V equals <grad, V> (grad from the per-logit differences and the
 // chain rule, V unit over all layers).
 TEST(ReferenceAccuracy, DirectionalDerivativeEqualsGradientDotDirection) {

@@ -12,6 +12,7 @@
 #include "reference/reference.hpp"
 #include "sim/convention.hpp"
 #include "sim/mesh_runner.hpp"
+#include "sim/distributed_runner.hpp"  // [issue 4: backend gloo]
 
 namespace moe {
 namespace {
@@ -22,6 +23,8 @@ double secondsSince(std::chrono::steady_clock::time_point t0) {
 
 MeshGradients runMesh(const Scenario& sc, const ProblemData& data, const RunKnobs& knobs,
                       const CheckRunOptions& options) {
+  if (options.backend == "gloo")  // [issue 4: backend gloo] rank 0 of a DistributedSession
+    return runDistributedMesh(makeMeshInputs(sc, data, knobs));
   if (options.backend != "emulated")
     throw UsageError("backend '" + options.backend + "' is not available in this build; use --backend emulated");
   return runEmulatedMesh(makeMeshInputs(sc, data, knobs));

@@ -1,7 +1,9 @@
 // `moe-lbcheck run SCENARIO.json [options]`: check one scenario on one mesh.
 #include <algorithm>
+#include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -12,6 +14,7 @@
 #include "common/errors.hpp"
 #include "data/problem_io.hpp"
 #include "report/reporters.hpp"
+#include "sim/distributed_runner.hpp"  // [issue 4: backend gloo]
 
 namespace moe::cli {
 
@@ -31,6 +34,16 @@ int runRun(const RunOptions& opt) {
   applyOverrides(sc, opt.overrides);
   if (opt.nproc != 0 && opt.backend == "emulated")
     throw UsageError("--nproc applies to --backend gloo|nccl only");
+  // [issue 4: backend gloo] One process per rank (src/sim/launcher.hpp, distributed_runner.hpp):
+  // start the ranks here, or be one rank; rank 0 re-enters runRun inside the session and does the
+  // rest of this function, the other ranks only serve its mesh runs and write nothing.
+  if (opt.backend == "gloo" && DistributedSession::current() == nullptr) {
+    if (std::optional<RankEnvironment> env = detectRankEnvironment(opt.nproc)) {
+      checkRankEnvironment(*env, sc, opt.nproc);
+      return runDistributedRank(*env, sc, [&opt] { return runRun(opt); });
+    }
+    return launchLocalRanks(sc, opt.nproc != 0 ? opt.nproc : sc.mesh.dp * sc.mesh.pp * sc.mesh.cp);
+  }
   CheckRunOptions run_options;
   run_options.backend = opt.backend;
   CheckRunOutput out = runChecks(sc, run_options);
@@ -41,10 +54,15 @@ int runRun(const RunOptions& opt) {
   std::string json_text, junit_text;
   if (!opt.report_json.empty()) json_text = renderToString(JsonReporter(), out.report);
   if (!opt.junit_xml.empty()) junit_text = renderToString(JUnitReporter(), out.report);
-  if (!opt.report_json.empty()) writeFileAtomically(opt.report_json, json_text);
-  if (!opt.junit_xml.empty()) writeFileAtomically(opt.junit_xml, junit_text);
-  if (!opt.dump_safetensors.empty())
-    dumpProblemAndGradients(opt.dump_safetensors, out.data, out.reference_aux_grad, out.mesh_aux_grad);
+  const std::vector<std::string> written =
+      writeFilesAtomically({{opt.report_json, json_text}, {opt.junit_xml, junit_text}});
+  try {
+    if (!opt.dump_safetensors.empty())
+      dumpProblemAndGradients(opt.dump_safetensors, out.data, out.reference_aux_grad, out.mesh_aux_grad);
+  } catch (...) {
+    for (const std::string& path : written) std::remove(path.c_str());  // no partial set of outputs
+    throw;
+  }
   std::cout << console_text << std::flush;
   return out.report.expectation_met ? 0 : static_cast<int>(ExitCode::kCheckFailed);
 }

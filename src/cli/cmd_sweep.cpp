@@ -36,8 +36,7 @@ int runSweepCommand(const SweepCliOptions& opt) {
   const std::string console = renderSweepConsole(result);
   const std::string json = opt.report_json.empty() ? "" : renderSweepJson(result);
   const std::string junit = opt.junit_xml.empty() ? "" : renderSweepJUnit(result);
-  if (!opt.report_json.empty()) writeFileAtomically(opt.report_json, json);
-  if (!opt.junit_xml.empty()) writeFileAtomically(opt.junit_xml, junit);
+  writeFilesAtomically({{opt.report_json, json}, {opt.junit_xml, junit}});
   std::cout << console << std::flush;
   return result.passed() ? 0 : static_cast<int>(ExitCode::kCheckFailed);
 }

@@ -10,10 +10,16 @@
 //    with the counts c_e and the routing held fixed J is a sum of such per-token terms).
 //  * phi_t(z + d e_j) - phi_t(z) is evaluated *as a difference* in closed form: expm1/log1p for the
 //    softmax sums and the logsumexp, sigma(x+d) - sigma(x) = -sigma(x+d) sigma(-x) expm1(-d),
-//    tanh(x+d) - tanh(x) = sinh(d) / (cosh(x+d) cosh(x)), ratio changes (N+dN)/(S+dS) - N/S =
+//    tanh(x+d) - tanh(x) = tanh(d) sech^2(x) / (1 + tanh(x) tanh(d)), ratio changes (N+dN)/(S+dS) - N/S =
 //    (dN - (N/S) dS) / (S + dS). Never as the difference of two large values, so the differences keep
 //    full relative precision and the only FD error left is truncation (then removed by Richardson).
 //    For the single-layer aux/z terms one perturbation costs O(1) (expm1 of the step is tabled).
+//  * Token t's later layers and main loss (its "suffix") depend on z_l[t] only through its k gate
+//    weights at layer l. Their sensitivities psi_s = d suffix / d g_s are central differences of the
+//    suffix recomputed for that one token (routing frozen, later flips detected), k of them per token;
+//    each logit's derivative is then its own layer-l term plus sum_s psi_s dg_s/dz, dg_s/dz again by
+//    central differences of the closed-form gate change. Exact chain rule at the gates, and E/k times
+//    cheaper than recomputing the suffix for every logit.
 //  * Richardson: D(h) and D(h/2) give R = (4 D(h/2) - D(h)) / 3, the number reported. Its error is
 //    estimated from one more level, D(h/4): |R(h) - R(h/2)| * 16/15 (the O(h^4) term of R). The plain
 //    |D(h/2) - D(h)| / 3 estimates the error of D(h/2), not of R, and would overstate the error of the
@@ -56,6 +62,9 @@ ObjectiveDefinition intendedObjective(const Scenario& scenario) {
                          scenario.framework.preset + "'");
   }
   objective.main_scope = preset->main_loss_scope;
+  objective.group_weighting = scenario.aux.group_weighting == GroupWeighting::kPreset
+                                  ? preset->aux_group_weighting
+                                  : scenario.aux.group_weighting;
   return objective;
 }
 
@@ -144,6 +153,7 @@ struct TokenGroups {
   int aux_groups = 0;             // all groups, empty ones included
   int aux_nonempty = 0;           // groups with T_G > 0 (the mean of J_aux runs over these)
   Index empty_groups = 0;
+  std::vector<double> aux_group_weight;  // [groups] omega_G: 1/n_nonempty, or T_G / sum_G T_G
   std::vector<double> z_weight;    // [T] weight of lse_t^2 in J_z, beta included
   std::vector<double> main_weight; // [T] weight of 0.5 ||h_L - y||^2 in J_main
 };
@@ -183,9 +193,20 @@ TokenGroups buildGroups(const ProblemData& data, const ObjectiveDefinition& obje
     groups.aux_group[t] = g;
     ++groups.aux_size[g];
   }
+  Index aux_tokens = 0;
   for (Index size : groups.aux_size) {
     if (size > 0) ++groups.aux_nonempty;
     else ++groups.empty_groups;
+    aux_tokens += size;
+  }
+  // Group weights: uniform (DESIGN §3: alpha * mean over groups) or token-weighted (Megatron
+  // per-token mode, torchtitan: raw_sum * coeff / global_valid_tokens).
+  groups.aux_group_weight.assign(groups.aux_groups, 0.0);
+  for (int g = 0; g < groups.aux_groups; ++g) {
+    if (groups.aux_size[g] == 0) continue;
+    groups.aux_group_weight[g] = objective.group_weighting == GroupWeighting::kTokens
+                                     ? double(groups.aux_size[g]) / double(aux_tokens)
+                                     : 1.0 / groups.aux_nonempty;
   }
 
   // z-loss (DESIGN §3): micro_batch: beta * mean over chunks (with aux tokens) of the chunk's mean of
@@ -203,7 +224,10 @@ TokenGroups buildGroups(const ProblemData& data, const ObjectiveDefinition& obje
     for (Index n : chunk_tokens) nonempty_chunks += n > 0 ? 1 : 0;
     for (Index t = 0; t < T; ++t) {
       if (!inAuxSet(t)) continue;
-      groups.z_weight[t] = objective.z_scope == ZLossScope::kMicroBatch
+      // Token-weighted chunk means collapse to one mean over all aux tokens.
+      const bool per_chunk = objective.z_scope == ZLossScope::kMicroBatch &&
+                             objective.group_weighting == GroupWeighting::kUniform;
+      groups.z_weight[t] = per_chunk
                                ? objective.z_coeff / (double(chunk_tokens[chunkOf(t)]) * nonempty_chunks)
                                : objective.z_coeff / double(all_tokens);
     }
@@ -272,7 +296,8 @@ struct LayerCache {
   std::vector<double> aux_weight; // [groups, E] alpha*E*c_{G,e} / (k*T_G^2*n_groups)
   std::vector<double> aux_mean;   // [T] a_t = sum_e w_e p_{t,e} (token t's aux contribution)
   bool has_experts = false;
-  std::vector<double> pre;        // [T, k, F] h A_e of the routed experts
+  std::vector<double> act;        // [T, k, F] tanh(h A_e) of the routed experts
+  std::vector<double> sech2;      // [T, k, F] 1 - tanh^2(h A_e) = 1 / cosh^2(h A_e)
   std::vector<double> out;        // [T, k, H] Expert_e(h) = tanh(h A_e) B_e
   double aux_value = 0.0, z_value = 0.0;
 };
@@ -280,9 +305,13 @@ struct LayerCache {
 struct Scratch {
   std::vector<double> dh, dh_next, dz, em, ds, dg, dpre, du, dout;
   std::vector<char> marked;
+  // Suffix sensitivities of the current token to its k gate weights (see suffixGateGradient).
+  std::vector<double> psi_aux, psi_main, psi_aux_err, psi_main_err, dg_up, dg_down;
+  std::vector<char> psi_flipped;
   Scratch(int H, int E, int k, int F)
       : dh(H), dh_next(H), dz(E), em(E), ds(E), dg(k), dpre(std::max(F, 1)), du(std::max(F, 1)),
-        dout(H), marked(E, 0) {}
+        dout(H), marked(E, 0), psi_aux(k), psi_main(k), psi_aux_err(k), psi_main_err(k), dg_up(k),
+        dg_down(k), psi_flipped(k) {}
 };
 
 struct Delta {
@@ -378,6 +407,7 @@ class ReferenceModel {
         const TokenRow row = tokenRow(l, t);
         const double* z = row.z;
         const int* topk = row.topk;
+        if (suffix) suffixGateGradient(l, t, options.step, scratch);
         // Top-k margins (DESIGN §4): z_e minus the best non-top-k logit for routed experts, the
         // weakest routed logit minus z_e for the others; equal logits are a margin of 0.
         for (int s = 0; s < k_; ++s) in_topk[topk[s]] = 1;
@@ -394,28 +424,43 @@ class ReferenceModel {
           if (shrunk) ++local.ties;
           local.max_step = std::max(local.max_step, h);
           const bool tabled = h == options.step;
+          // D(d) = [phi_local(+d) - phi_local(-d)] / 2d + sum_s psi_s [g_s(+d) - g_s(-d)] / 2d: the
+          // suffix enters through the k gate weights only (chain rule at the gates, module comment).
           double D_aux[3], D_main[3];
-          bool routing_changed = false;
+          bool gates_move = false, routing_changed = false;
+          double suffix_err_aux = 0.0, suffix_err_main = 0.0;
           for (int lev = 0; lev < 3; ++lev) {
             const double d = h / double(1 << lev);
             const double em_plus = tabled ? table_plus[lev] : std::expm1(d);
             const double em_minus = tabled ? table_minus[lev] : std::expm1(-d);
-            const Delta up = perturbLogit(l, row, j, em_plus, em_minus, in_topk, aux_token, suffix, scratch);
-            const Delta down = perturbLogit(l, row, j, em_minus, em_plus, in_topk, aux_token, suffix, scratch);
-            routing_changed = routing_changed || up.routing_changed || down.routing_changed;
-            D_aux[lev] = (up.aux - down.aux) / (2.0 * d);
-            D_main[lev] = (up.main - down.main) / (2.0 * d);
+            double* dg_up = suffix ? scratch.dg_up.data() : nullptr;
+            double* dg_down = suffix ? scratch.dg_down.data() : nullptr;
+            const double up = perturbLogit(row, j, em_plus, em_minus, in_topk, aux_token, dg_up, gates_move);
+            const double down = perturbLogit(row, j, em_minus, em_plus, in_topk, aux_token, dg_down, gates_move);
+            D_aux[lev] = (up - down) / (2.0 * d);
+            D_main[lev] = 0.0;
+            if (!suffix || !gates_move) continue;
+            for (int s = 0; s < k_; ++s) {
+              const double gate_slope = (dg_up[s] - dg_down[s]) / (2.0 * d);
+              D_aux[lev] += scratch.psi_aux[s] * gate_slope;
+              D_main[lev] += scratch.psi_main[s] * gate_slope;
+              if (lev > 0) continue;
+              suffix_err_aux += std::abs(gate_slope) * scratch.psi_aux_err[s];
+              suffix_err_main += std::abs(gate_slope) * scratch.psi_main_err[s];
+              if (gate_slope != 0.0 && scratch.psi_flipped[s]) routing_changed = true;
+            }
           }
           if (frozen_by_margin || routing_changed) ++local.frozen;
-          // Richardson: R(h) = (4 D(h/2) - D(h)) / 3; error of R(h) ~ 16/15 |R(h) - R(h/2)|.
+          // Richardson: R(h) = (4 D(h/2) - D(h)) / 3; error of R(h) ~ 16/15 |R(h) - R(h/2)|, plus the
+          // error of the suffix sensitivities carried through the gate slopes.
           const std::size_t at = std::size_t(t) * E_ + j;
           const double r1 = (4.0 * D_aux[1] - D_aux[0]) / 3.0, r2 = (4.0 * D_aux[2] - D_aux[1]) / 3.0;
           grad_aux[at] = r1;
-          err_aux[at] = std::abs(r1 - r2) * 16.0 / 15.0;
+          err_aux[at] = std::abs(r1 - r2) * 16.0 / 15.0 + suffix_err_aux;
           if (with_main_) {
             const double m1 = (4.0 * D_main[1] - D_main[0]) / 3.0, m2 = (4.0 * D_main[2] - D_main[1]) / 3.0;
             grad_main[at] = m1;
-            err_main[at] = std::abs(m1 - m2) * 16.0 / 15.0;
+            err_main[at] = std::abs(m1 - m2) * 16.0 / 15.0 + suffix_err_main;
           }
         }
         for (int s = 0; s < k_; ++s) in_topk[topk[s]] = 0;
@@ -457,10 +502,8 @@ class ReferenceModel {
           }
         for (int lev = 0; lev < 3; ++lev) {
           const double d = eps / double(1 << lev);
-          std::fill(scratch.dh.begin(), scratch.dh.end(), 0.0);
           const double up = propagate(0, t, /*dh_zero=*/true, &dir, d, /*include_main=*/false, scratch,
                                       em_up[lev].data()).aux;
-          std::fill(scratch.dh.begin(), scratch.dh.end(), 0.0);
           const double down = propagate(0, t, true, &dir, -d, false, scratch, em_down[lev].data()).aux;
           per_token[lev][t] = up - down;
         }
@@ -537,8 +580,8 @@ class ReferenceModel {
 
     // Counts and aux weights (DESIGN §3; Megatron switch_load_balancing_loss_func, DeepSeek-V3 eq.
     // 17-20): c_{G,e} = #{t in G : e in topk(t)} (no gradient), P_{G,e} = (1/T_G) sum_t p_{t,e},
-    // L_bal(G) = E/(k T_G) sum_e c_e P_e, J_aux = alpha * mean over non-empty groups.
-    // Token t of group G contributes sum_e w_{G,e} p_{t,e} with w_{G,e} = alpha E c_e/(k T_G^2 n).
+    // L_bal(G) = E/(k T_G) sum_e c_e P_e, J_aux = alpha * sum_G omega_G L_bal(G) (omega: group weights).
+    // Token t of group G contributes sum_e w_{G,e} p_{t,e} with w_{G,e} = alpha omega_G E c_e/(k T_G^2).
     const int G = groups_.aux_groups;
     std::vector<double> counts(std::size_t(G) * E_, 0.0), prob_sums(std::size_t(G) * E_, 0.0);
     for (Index t = 0; t < T_; ++t) {
@@ -551,16 +594,18 @@ class ReferenceModel {
     }
     c.aux_weight.assign(std::size_t(G) * E_, 0.0);
     c.aux_value = 0.0;
-    const double alpha = obj_.aux_coeff, n = groups_.aux_nonempty;
+    const double alpha = obj_.aux_coeff;
     for (int g = 0; g < G; ++g) {
       const double Tg = double(groups_.aux_size[g]);
       if (groups_.aux_size[g] == 0) continue;
+      const double omega = groups_.aux_group_weight[g];
       double balance = 0.0;  // sum_e c_e P_e
       for (int e = 0; e < E_; ++e) {
         balance += counts[std::size_t(g) * E_ + e] * (prob_sums[std::size_t(g) * E_ + e] / Tg);
-        c.aux_weight[std::size_t(g) * E_ + e] = alpha * E_ * counts[std::size_t(g) * E_ + e] / (k_ * Tg * Tg * n);
+        c.aux_weight[std::size_t(g) * E_ + e] =
+            alpha * omega * E_ * counts[std::size_t(g) * E_ + e] / (k_ * Tg * Tg);
       }
-      c.aux_value += alpha / n * (double(E_) / (k_ * Tg)) * balance;
+      c.aux_value += alpha * omega * (double(E_) / (k_ * Tg)) * balance;
     }
     c.aux_mean.assign(T_, 0.0);
     c.z_value = 0.0;
@@ -578,26 +623,33 @@ class ReferenceModel {
     // Experts (DESIGN §3): h_{l+1} = h_l + sum_{e in topk} g_e tanh(h_l A_e) B_e.
     c.has_experts = experts;
     if (!experts) return;
-    c.pre.assign(std::size_t(T_) * k_ * F_, 0.0);
+    c.act.assign(std::size_t(T_) * k_ * F_, 0.0);
+    c.sech2.assign(std::size_t(T_) * k_ * F_, 0.0);
     c.out.assign(std::size_t(T_) * k_ * H_, 0.0);
     std::vector<double>& next = l + 1 < L_ ? layers_[l + 1].hidden : final_hidden_;
     next.assign(h, h + std::size_t(T_) * H_);
     parallelFor(T_, workerCount(), [&](Index begin, Index end, int) {
-      std::vector<double> act(std::max(F_, 1));
+      std::vector<double> pre(std::max(F_, 1));
       for (Index t = begin; t < end; ++t) {
         const double* ht = h + t * H_;
         for (int s = 0; s < k_; ++s) {
           const int e = c.topk[t * k_ + s];
           const double* A = &data_.expert_in[l][std::size_t(e) * H_ * F_];
           const double* Bm = &data_.expert_out[l][std::size_t(e) * F_ * H_];
-          double* pre = &c.pre[(std::size_t(t) * k_ + s) * F_];
+          double* act = &c.act[(std::size_t(t) * k_ + s) * F_];
+          double* sech2 = &c.sech2[(std::size_t(t) * k_ + s) * F_];
           double* out = &c.out[(std::size_t(t) * k_ + s) * H_];
+          std::fill(pre.begin(), pre.end(), 0.0);
           for (int i = 0; i < H_; ++i) {
             const double hi = ht[i];
             const double* row = A + std::size_t(i) * F_;
             for (int f = 0; f < F_; ++f) pre[f] += hi * row[f];
           }
-          for (int f = 0; f < F_; ++f) act[f] = std::tanh(pre[f]);
+          for (int f = 0; f < F_; ++f) {
+            act[f] = std::tanh(pre[f]);
+            const double ch = std::cosh(pre[f]);
+            sech2[f] = 1.0 / (ch * ch);
+          }
           for (int f = 0; f < F_; ++f) {
             const double a = act[f];
             const double* row = Bm + std::size_t(f) * H_;
@@ -643,40 +695,37 @@ class ReferenceModel {
     return r;
   }
 
-  // Token t's contribution change when z_l[t, j] moves by d (routing frozen at the unperturbed top-k),
-  // as a difference (module comment), from expm1_d = expm1(d) and expm1_neg_d = expm1(-d).
-  Delta perturbLogit(int l, const TokenRow& row, int j, double expm1_d, double expm1_neg_d,
-                     const std::vector<char>& in_topk, bool aux_token, bool suffix,
-                     Scratch& scratch) const {
+  // Token t's layer-l aux+z contribution change when z_l[t, j] moves by d (routing frozen at the
+  // unperturbed top-k), as a difference (module comment), from expm1_d = expm1(d) and
+  // expm1_neg_d = expm1(-d). When dg is given, also the changes of the k gate weights (gates_move is
+  // set when they are not all zero).
+  double perturbLogit(const TokenRow& row, int j, double expm1_d, double expm1_neg_d,
+                      const std::vector<char>& in_topk, bool aux_token, double* dg, bool& gates_move) const {
     const double S = row.S;
     // Change of sum_e exp(z_e - m): only z_j moved.
     const double q = row.ex[j] * expm1_d;
     // Sigmoid score change of expert j: sigma(z_j + d) - sigma(z_j).
     const double qs = softmax_ ? 0.0 : sigmoidDelta(row.sig[j], row.sig_neg[j], expm1_neg_d);
-    Delta delta;
+    double delta = 0.0;
     if (aux_token) {
       // a = N / S with N = sum_e w_e num_e: moving one numerator by w_j*q and the denominator by q
       // changes a by q (w_j - a) / (S + q).
-      if (softmax_) delta.aux += q * (row.w[j] - row.a) / (S + q);
-      else delta.aux += qs * (row.w[j] - row.a) / (row.sig_sum + qs);  // p = s / sum s (DESIGN §3)
+      if (softmax_) delta += q * (row.w[j] - row.a) / (S + q);
+      else delta += qs * (row.w[j] - row.a) / (row.sig_sum + qs);  // p = s / sum s (DESIGN §3)
       if (row.zw != 0.0) {
         // lse' - lse = log1p(q / S); lse'^2 - lse^2 = (lse' - lse)(lse' + lse).
         const double dl = std::log1p(q / S);
-        delta.aux += row.zw * dl * (2.0 * row.lse + dl);
+        delta += row.zw * dl * (2.0 * row.lse + dl);
       }
     }
-    if (!suffix) return delta;
+    if (dg == nullptr) return delta;
     // Gate weight changes of the (fixed) routed experts.
-    const Index t = row.t;
-    const LayerCache& c = layers_[l];
     const int* topk = row.topk;
     const double* gate = row.gate;
-    double* dg = scratch.dg.data();
-    bool any = false;
     if (softmax_ && !obj_.norm_topk_prob) {
       // g_s = exp(z_s - m) / S: ratio with numerator change q*[s == j] and denominator change q.
       for (int s = 0; s < k_; ++s) dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (S + q);
-      any = true;
+      gates_move = true;
     } else if (in_topk[j]) {
       if (softmax_) {
         // g_s = exp(z_s - m) / sum_topk exp(z - m): unaffected by unrouted logits.
@@ -688,26 +737,48 @@ class ReferenceModel {
       } else {
         for (int s = 0; s < k_; ++s) dg[s] = topk[s] == j ? qs : 0.0;
       }
-      any = true;
+      gates_move = true;
+    } else {
+      std::fill(dg, dg + k_, 0.0);
     }
-    if (!any) return delta;
-    // h_{l+1}[t] change: sum_s dg_s Expert_s(h_l[t]) (cached expert outputs).
-    double* dh = scratch.dh.data();
-    std::fill(dh, dh + H_, 0.0);
-    for (int s = 0; s < k_; ++s) {
-      const double* out = &c.out[(std::size_t(t) * k_ + s) * H_];
-      for (int i = 0; i < H_; ++i) dh[i] += dg[s] * out[i];
-    }
-    const Delta rest = propagate(l + 1, t, false, nullptr, 0.0, with_main_, scratch);
-    delta.aux += rest.aux;
-    delta.main = rest.main;
-    delta.routing_changed = rest.routing_changed;
     return delta;
   }
 
-  // Propagates a change of token t's hidden state (scratch.dh, entering layer l0) and, for the
-  // directional checks, a rank-one change eps*V_l of every router weight, through layers l0..L-1 with
-  // routing frozen. Returns the change of token t's aux+z contributions (and main, when asked).
+  // Token t's suffix (everything after its layer-l gate weights: h_{l+1}[t] = h_l[t] + sum_s g_s o_s,
+  // layers l+1..L-1 with routing frozen, the main loss) depends on z_l[t] only through its k gate
+  // weights. Its sensitivities psi_s = d suffix / d g_s are central differences of the suffix
+  // recomputed for this one token with g_s moved by +-step/2^level (Richardson as for the logits);
+  // psi_flipped[s] records whether a later layer's routing would have changed.
+  void suffixGateGradient(int l, Index t, double step, Scratch& scratch) const {
+    const LayerCache& c = layers_[l];
+    for (int s = 0; s < k_; ++s) {
+      const double* out = &c.out[(std::size_t(t) * k_ + s) * H_];
+      double D_aux[3], D_main[3];
+      bool flipped = false;
+      for (int lev = 0; lev < 3; ++lev) {
+        const double d = step / double(1 << lev);
+        for (int i = 0; i < H_; ++i) scratch.dh[i] = d * out[i];
+        const Delta up = propagate(l + 1, t, false, nullptr, 0.0, with_main_, scratch);
+        for (int i = 0; i < H_; ++i) scratch.dh[i] = -d * out[i];
+        const Delta down = propagate(l + 1, t, false, nullptr, 0.0, with_main_, scratch);
+        flipped = flipped || up.routing_changed || down.routing_changed;
+        D_aux[lev] = (up.aux - down.aux) / (2.0 * d);
+        D_main[lev] = (up.main - down.main) / (2.0 * d);
+      }
+      const double a1 = (4.0 * D_aux[1] - D_aux[0]) / 3.0, a2 = (4.0 * D_aux[2] - D_aux[1]) / 3.0;
+      const double m1 = (4.0 * D_main[1] - D_main[0]) / 3.0, m2 = (4.0 * D_main[2] - D_main[1]) / 3.0;
+      scratch.psi_aux[s] = a1;
+      scratch.psi_aux_err[s] = std::abs(a1 - a2) * 16.0 / 15.0;
+      scratch.psi_main[s] = m1;
+      scratch.psi_main_err[s] = std::abs(m1 - m2) * 16.0 / 15.0;
+      scratch.psi_flipped[s] = flipped ? 1 : 0;
+    }
+  }
+
+  // Propagates a change of token t's hidden state (scratch.dh, entering layer l0; taken as zero and
+  // not read when dh_zero) and, for the directional checks, a rank-one change eps*V_l of every router
+  // weight, through layers l0..L-1 with routing frozen. Returns the change of token t's aux+z
+  // contributions (and main, when asked).
   // first_expm1, when given, is expm1(dz) of layer l0 (computed by the caller).
   Delta propagate(int l0, Index t, bool dh_zero, const std::vector<RankOneDirection>* dir, double eps,
                   bool include_main, Scratch& scratch, const double* first_expm1 = nullptr) const {
@@ -792,10 +863,11 @@ class ReferenceModel {
         for (int s = 0; s < k_; ++s) dg[s] = ds[topk[s]];
       }
       // dh_{l+1} = dh + sum_s [(g + dg) (o + do) - g o] = dh + sum_s [dg o + (g + dg) do], with
-      // do = (tanh(pre + dpre) - tanh(pre)) B = sinh(dpre) / (cosh(pre + dpre) cosh(pre)) B.
+      // do = (tanh(x + dx) - tanh(x)) B with x = h A_e, dx = dh A_e, and
+      // tanh(x + dx) - tanh(x) = tanh(dx) sech^2(x) / (1 + tanh(x) tanh(dx)) (addition theorem).
       double* next = scratch.dh_next.data();
-      std::copy(dh, dh + H_, next);
       if (dh_zero) std::fill(next, next + H_, 0.0);
+      else std::copy(dh, dh + H_, next);
       for (int s = 0; s < k_; ++s) {
         const double* out = &c.out[(std::size_t(t) * k_ + s) * H_];
         for (int i = 0; i < H_; ++i) next[i] += dg[s] * out[i];
@@ -803,7 +875,8 @@ class ReferenceModel {
         const int e = topk[s];
         const double* A = &data_.expert_in[l][std::size_t(e) * H_ * F_];
         const double* Bm = &data_.expert_out[l][std::size_t(e) * F_ * H_];
-        const double* pre = &c.pre[(std::size_t(t) * k_ + s) * F_];
+        const double* act = &c.act[(std::size_t(t) * k_ + s) * F_];
+        const double* sech2 = &c.sech2[(std::size_t(t) * k_ + s) * F_];
         double* dpre = scratch.dpre.data();
         double* du = scratch.du.data();
         std::fill(dpre, dpre + F_, 0.0);
@@ -813,8 +886,10 @@ class ReferenceModel {
           const double* row = A + std::size_t(i) * F_;
           for (int f = 0; f < F_; ++f) dpre[f] += dhi * row[f];
         }
-        for (int f = 0; f < F_; ++f)
-          du[f] = std::sinh(dpre[f]) / (std::cosh(pre[f] + dpre[f]) * std::cosh(pre[f]));
+        for (int f = 0; f < F_; ++f) {
+          const double tanh_dx = std::tanh(dpre[f]);
+          du[f] = tanh_dx * sech2[f] / (1.0 + act[f] * tanh_dx);
+        }
         const double weight = gate[s] + dg[s];
         for (int f = 0; f < F_; ++f) {
           const double a = weight * du[f];
@@ -826,7 +901,7 @@ class ReferenceModel {
       dh = scratch.dh.data();
       dh_zero = false;
     }
-    if (include_main && groups_.main_weight[t] != 0.0) {
+    if (include_main && !dh_zero && groups_.main_weight[t] != 0.0) {
       // 0.5||r + dh||^2 - 0.5||r||^2 = dh.r + 0.5||dh||^2.
       const double* r = &residual_[std::size_t(t) * H_];
       delta.main = groups_.main_weight[t] * (dot(dh, r, H_) + 0.5 * dot(dh, dh, H_));
@@ -1014,8 +1089,9 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
 
   result.method =
       "central finite differences per router logit of each token's own contribution, evaluated as "
-      "closed-form differences (Richardson h, h/2; error from h/4; per-token suffix recompute with "
-      "routing frozen; steps kept below the top-k margins) + exact chain rule dJ/dW = h^T dJ/dz; "
+      "closed-form differences (Richardson h, h/2; error from h/4; steps kept below the top-k "
+      "margins; later layers and main loss by per-token suffix recompute with routing frozen, "
+      "differentiated along the token's k gate weights) + exact chain rule dJ/dW = h^T dJ/dz; "
       "directional checks along random rank-one unit directions (all tokens and layers, routing "
       "frozen)";
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

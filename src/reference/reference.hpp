@@ -24,6 +24,9 @@ struct ObjectiveDefinition {
   double z_coeff = 0.0;         // beta
   ZLossScope z_scope = ZLossScope::kMicroBatch;
   bool exclude_padding = true;  // aux and z-loss token sets: valid tokens only (true) or all tokens
+  // How groups are averaged (resolved: never kPreset). kUniform: alpha * mean over non-empty groups;
+  // kTokens: alpha * sum_G (T_G / sum T) L_G. Applies to the micro_batch z-loss groups too.
+  GroupWeighting group_weighting = GroupWeighting::kUniform;
   MainLossScope main_scope = MainLossScope::kMicrobatchMean;
   int dp = 1;
   int microbatches = 1;

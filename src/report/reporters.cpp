@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -478,6 +479,22 @@ void writeFileAtomically(const std::string& path, const std::string& content) {
     ::fsync(dir_fd);
     ::close(dir_fd);
   }
+}
+
+std::vector<std::string> writeFilesAtomically(
+    const std::vector<std::pair<std::string, std::string>>& files) {
+  std::vector<std::string> written;
+  try {
+    for (const auto& [path, content] : files) {
+      if (path.empty()) continue;
+      writeFileAtomically(path, content);
+      written.push_back(path);
+    }
+  } catch (...) {
+    for (const std::string& path : written) std::remove(path.c_str());
+    throw;
+  }
+  return written;
 }
 
 }  // namespace moe

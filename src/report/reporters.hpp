@@ -5,6 +5,8 @@
 
 #include <ostream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "report/report.hpp"
 
@@ -78,5 +80,11 @@ std::string effectiveVerdict(const Report& report);
 // temp file is left behind on failure. Throws moe::RuntimeFailure naming the path on I/O errors
 // (including a directory that does not exist).
 void writeFileAtomically(const std::string& path, const std::string& content);
+
+// Writes several (path, content) files with writeFileAtomically; when one fails, the ones already
+// written are removed again, so a failure never leaves a partial set of outputs. Empty paths are
+// skipped. Returns the paths written.
+std::vector<std::string> writeFilesAtomically(
+    const std::vector<std::pair<std::string, std::string>>& files);
 
 }  // namespace moe

@@ -8,6 +8,7 @@
 #include "app/check_run.hpp"
 #include "app/selftest.hpp"
 #include "check/compare.hpp"
+#include "common/errors.hpp"
 #include "scenario/catalog.hpp"
 #include "sim/emulated_communicator.hpp"
 #include "sim/mesh_runner.hpp"

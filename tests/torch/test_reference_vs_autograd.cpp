@@ -210,7 +210,7 @@ TEST_P(ReferenceVsAutograd, GradientsAndValuesAgree) {
   EXPECT_NEAR(ref.main_value, ag.main, 1e-13 * std::abs(ag.main));
   const ObjectiveValue value = evaluateObjective(d, o);
   EXPECT_NEAR(value.main, ag.main, 1e-13 * std::abs(ag.main));
-  double worst_aux = 0.0, worst_main = 0.0, grad_scale = 0.0;
+  double worst_aux = 0.0, worst_main = 0.0, grad_scale = 0.0, main_scale = 0.0, main_fd_error = 0.0;
   for (int l = 0; l < d.layers; ++l) {
     const double aux_rel = relDiff(ref.layers[l].aux_grad, ag.aux_grad[l]);
     const double main_rel = relDiff(ref.layers[l].main_grad, ag.main_grad[l]);
@@ -219,6 +219,8 @@ TEST_P(ReferenceVsAutograd, GradientsAndValuesAgree) {
     worst_aux = std::max(worst_aux, aux_rel);
     worst_main = std::max(worst_main, main_rel);
     for (double g : ag.aux_grad[l]) grad_scale = std::max(grad_scale, std::abs(g));
+    for (double g : ag.main_grad[l]) main_scale = std::max(main_scale, std::abs(g));
+    main_fd_error = std::max(main_fd_error, ref.layers[l].main_fd_error);
   }
   // The directional derivative against the autograd gradient.
   double dot = 0.0, norm = 0.0;
@@ -231,8 +233,9 @@ TEST_P(ReferenceVsAutograd, GradientsAndValuesAgree) {
   RecordProperty("max_rel_aux", std::to_string(worst_aux));
   RecordProperty("max_rel_main", std::to_string(worst_main));
   RecordProperty("fd_error_rel", std::to_string(ref.fd_error_estimate / grad_scale));
-  std::printf("[ %s ] aux rel %.2e  main rel %.2e  fd error estimate rel %.2e  near_ties %lld frozen %lld\n",
-              c.name.c_str(), worst_aux, worst_main, ref.fd_error_estimate / grad_scale,
+  std::printf("[ %s ] aux rel %.2e (fd error estimate %.2e)  main rel %.2e (fd error estimate %.2e)  "
+              "near_ties %lld frozen %lld\n",
+              c.name.c_str(), worst_aux, ref.fd_error_estimate / grad_scale, worst_main, main_fd_error / main_scale,
               static_cast<long long>(ref.near_ties), static_cast<long long>(ref.frozen_elements));
 }
 

@@ -1,0 +1,64 @@
+// How a `--backend gloo` run gets its processes (DESIGN §5): either moe-lbcheck starts them itself
+// (`--nproc N`, or the mesh's world size), or it is one rank under an existing launcher.
+//
+// Environment detection, in order of precedence:
+//   1. RANK and WORLD_SIZE (torchrun, torch.distributed.launch, and moe-lbcheck's own launcher),
+//      with LOCAL_RANK optional;
+//   2. --nproc given: none of the variables below count, this process is the launcher;
+//   3. OMPI_COMM_WORLD_RANK and OMPI_COMM_WORLD_SIZE (Open MPI's mpirun), OMPI_COMM_WORLD_LOCAL_RANK;
+//   4. SLURM_PROCID and SLURM_NTASKS, only inside a job step (SLURM_STEP_ID or SLURM_STEPID set, as
+//      srun sets them; a batch script's own environment is not a step of N ranks), SLURM_LOCALID;
+//   otherwise this process launches the ranks itself.
+// Every rank needs MASTER_ADDR and MASTER_PORT (the TCPStore of the rendezvous: rank 0 serves it on
+// MASTER_PORT, the others connect to MASTER_ADDR:MASTER_PORT); torchrun sets both, under srun or
+// mpirun export them (e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1), MASTER_PORT=29500).
+// A partial or malformed set of variables is a UsageError (exit 2) that names the variable.
+//
+// The local launcher (launchLocalRanks) hosts the TCPStore itself on 127.0.0.1 with a port the
+// kernel picks (port 0, no race with other programs), then fork/execs N copies of /proc/self/exe
+// with the same arguments and RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1,
+// MASTER_PORT and MOE_LBCHECK_LAUNCHER_STORE=1 (rank 0 then connects to the launcher's store
+// instead of serving one, as torchrun's agent store does). The children run in their own process
+// group and die with the launcher (PR_SET_PDEATHSIG). On the first rank that fails (non-zero exit or
+// a signal), the others get the timeout plus 5 s (MOE_LBCHECK_KILL_GRACE_S overrides) to notice and
+// exit with code 3 on their own, printing which operation failed; whatever is left is then killed
+// (SIGKILL to the whole group), so no process outlives the launcher. SIGINT/SIGTERM to the launcher
+// stop every rank the same way.
+// Exit code: rank 0's when every rank exited normally with 0 or rank 0's code (0 pass, 1 a check
+// failed, 2 bad input that every rank saw); otherwise 3, with a summary naming the first failing
+// rank and how every rank ended.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "scenario/scenario.hpp"
+
+namespace moe {
+
+struct RankEnvironment {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  std::string master_addr;
+  int master_port = 0;
+  std::string source;                 // e.g. "torchrun (RANK/WORLD_SIZE)", for messages
+  std::string world_variable = "WORLD_SIZE";  // the variable the world size came from
+  bool launcher_hosts_store = false;  // MOE_LBCHECK_LAUNCHER_STORE=1: rank 0 is a store client
+};
+
+// The rank this process is, from the launcher variables above, or nullopt when this process must
+// launch the ranks itself. `nproc_flag` is --nproc (0 when not given). Throws UsageError naming the
+// variable when they are incomplete or malformed (RANK without WORLD_SIZE, RANK >= WORLD_SIZE, a
+// missing MASTER_ADDR or MASTER_PORT, a port outside 1..65535).
+std::optional<RankEnvironment> detectRankEnvironment(int nproc_flag);
+
+// Throws UsageError unless the environment's world size is the mesh's dp*pp*cp and --nproc (when
+// given) agrees with it.
+void checkRankEnvironment(const RankEnvironment& env, const Scenario& scenario, int nproc_flag);
+
+// Starts `nproc` ranks of this very command line (see above), waits for them and returns the exit
+// code. Throws UsageError when nproc is not the mesh's world size.
+int launchLocalRanks(const Scenario& scenario, int nproc);
+
+}  // namespace moe

@@ -142,7 +142,7 @@ void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::
     d.cause = fmt::format(
         "the mesh differentiates a different aux objective (cosine {:.9f}): the token set or the "
         "count group differs from the intended one (padding counted, counts per microbatch instead "
-        "of per batch, a stale token denominator)",
+        "of per batch, a stale token denominator, groups weighted by tokens instead of uniformly)",
         c.cosine);
     d.fix = "make the aux statistics (counts, token totals, probabilities) cover exactly the "
             "intended token group: valid tokens only, all-reduced over the group's ranks";

@@ -1,0 +1,106 @@
+// sweep and selftest end to end: the library entry points and the binary's exit codes.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "app/selftest.hpp"
+#include "app/sweep.hpp"
+#include "scenario/catalog.hpp"
+
+namespace moe {
+namespace {
+
+struct Run {
+  int exit_code;
+  std::string out;
+};
+
+Run runCli(const std::string& args) {
+  const std::string cmd = std::string(MOE_CLI_PATH) + " " + args + " 2>/dev/null";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string scenarioPath(const std::string& name) { return std::string(MOE_SCENARIOS_DIR) + "/" + name; }
+
+TEST(Sweep, EveryLayoutOfWorldFourPassesForTheQuickstart) {
+  Scenario sc = loadScenarioFile(scenarioPath("quickstart.json"));
+  SweepOptions options;
+  options.world = 4;
+  int calls = 0;
+  const SweepResult r = runSweep(sc, options, [&](int, int, const MeshConfig&) { ++calls; });
+  // batch 4, seq_len 16, 2 layers: (dp,pp,cp) in {(1,1,4),(1,2,2),(2,1,2),(2,2,1),(4,1,1)} with
+  // M | 4/dp: 3 + 3 + 2 + 2 + 1 = 11 layouts; (1,4,1), (2,... pp=4) are not allowed by 2 layers.
+  EXPECT_EQ(r.rows.size(), 11u);
+  EXPECT_EQ(calls, 11);
+  EXPECT_TRUE(r.passed());
+  for (const SweepRow& row : r.rows) EXPECT_EQ(row.mesh.world, 4);
+  const auto json = nlohmann::json::parse(renderSweepJson(r));
+  EXPECT_EQ(json["schema_version"], 1);
+  EXPECT_EQ(json["kind"], "sweep");
+  EXPECT_EQ(json["rows"].size(), 11u);
+  EXPECT_EQ(json["verdict"], "pass");
+}
+
+TEST(Sweep, BinaryExitsOneWhenALayoutFailsAndNamesTheFactor) {
+  const Run r = runCli("sweep " + scenarioPath("missing_cp_scale.json") + " --world 6 --fixed-microbatches -q");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.out.find("dp=3 pp=1 cp=2 M=5"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("factor=1/cp"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("FAILED ("), std::string::npos) << r.out;
+}
+
+TEST(Sweep, NoValidLayoutIsAnInputError) {
+  const Run r = runCli("sweep " + scenarioPath("quickstart.json") + " --world 7 -q");
+  EXPECT_EQ(r.exit_code, 2);
+}
+
+TEST(Selftest, CoversEveryCatalogFaultOnceWithDistinctMeshQuantities) {
+  const auto cases = selftestCases();
+  ASSERT_EQ(cases.size(), faultCatalog().size());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    EXPECT_EQ(cases[i].fault, faultCatalog()[i].name);
+    EXPECT_EQ(cases[i].buggy.faults, std::vector<std::string>{cases[i].fault});
+    EXPECT_TRUE(cases[i].fixed.faults.empty());
+    EXPECT_EQ(cases[i].buggy.expect.diagnosis, faultCatalog()[i].expected_diagnosis);
+  }
+}
+
+TEST(Selftest, BinaryFlagsEveryFault) {
+  const Run r = runCli("selftest -q");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("selftest: OK (" + std::to_string(faultCatalog().size()) + " faults flagged"),
+            std::string::npos)
+      << r.out;
+  EXPECT_EQ(r.out.find("MISSED"), std::string::npos) << r.out;
+}
+
+TEST(Selftest, ExportedScenariosMatchTheShippedOnes) {
+  char dir_template[] = "/tmp/moe-selftest-XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  ASSERT_EQ(runCli("selftest --export " + dir).exit_code, 0);
+  for (const SelftestCase& c : selftestCases())
+    for (const std::string& name : {c.buggy.name, c.fixed.name}) {
+      std::ifstream exported(dir + "/" + name + ".json"), shipped(scenarioPath(name + ".json"));
+      std::stringstream a, b;
+      a << exported.rdbuf();
+      b << shipped.rdbuf();
+      EXPECT_EQ(a.str(), b.str()) << name << ": scenarios/ is out of date; run selftest --export scenarios";
+      std::remove((dir + "/" + name + ".json").c_str());
+    }
+  std::remove(dir.c_str());
+}
+
+}  // namespace
+}  // namespace moe

@@ -407,7 +407,8 @@ class ReferenceModel {
         const TokenRow row = tokenRow(l, t);
         const double* z = row.z;
         const int* topk = row.topk;
-        if (suffix) suffixGateGradient(l, t, options.step, scratch);
+        // Gate step step/4: the largest gate change a logit step produces (dg/dz = g(1-g) <= 1/4).
+        if (suffix) suffixGateGradient(l, t, options.step / 4.0, scratch);
         // Top-k margins (DESIGN §4): z_e minus the best non-top-k logit for routed experts, the
         // weakest routed logit minus z_e for the others; equal logits are a margin of 0.
         for (int s = 0; s < k_; ++s) in_topk[topk[s]] = 1;

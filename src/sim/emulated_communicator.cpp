@@ -1,6 +1,7 @@
 #include "sim/emulated_communicator.hpp"
 
 #include <deque>
+#include <thread>
 #include <tuple>
 
 #include <fmt/format.h>
@@ -42,8 +43,41 @@ struct EmulatedWorld::Impl {
 };
 
 EmulatedWorld::EmulatedWorld(const MeshLayout& layout, EmulatedOptions options)
-    : layout_(layout), options_(options), impl_(std::make_unique<Impl>()) {}
+    : layout_(layout), options_(options), impl_(std::make_unique<Impl>()) {
+  const unsigned cores = std::thread::hardware_concurrency();
+  free_slots_ = options.compute_slots > 0 ? options.compute_slots : static_cast<int>(cores == 0 ? 1 : cores);
+}
 EmulatedWorld::~EmulatedWorld() = default;
+
+void EmulatedWorld::acquireComputeSlot() {
+  std::unique_lock<std::mutex> lock(slot_mutex_);
+  slot_freed_.wait(lock, [&] { return free_slots_ > 0; });
+  --free_slots_;
+}
+
+void EmulatedWorld::releaseComputeSlot() {
+  {
+    std::lock_guard<std::mutex> lock(slot_mutex_);
+    ++free_slots_;
+  }
+  slot_freed_.notify_one();
+}
+
+namespace {
+
+// Gives the rank's compute slot up for the duration of a blocking communication call and takes it
+// back afterwards (after the communicator's own lock is released: no lock is held while waiting
+// for a slot).
+class SlotReleasedWhileWaiting {
+ public:
+  explicit SlotReleasedWhileWaiting(EmulatedWorld& world) : world_(world) { world_.releaseComputeSlot(); }
+  ~SlotReleasedWhileWaiting() { world_.acquireComputeSlot(); }
+
+ private:
+  EmulatedWorld& world_;
+};
+
+}  // namespace
 
 void EmulatedWorld::abort(const std::string& why) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -93,6 +127,7 @@ void EmulatedCommunicator::allReduceSum(at::Tensor& tensor, CommGroup group) {
   while (members[index] != rank_) ++index;
   const std::string op = fmt::format("allReduceSum({} group)", toString(group));
 
+  SlotReleasedWhileWaiting released(world_);
   std::unique_lock<std::mutex> lock(impl.mutex);
   ReduceSlot& slot = impl.slots[{static_cast<int>(group), members.front()}];
   // The previous round of this group must have been read by every member before the slot is reused.
@@ -134,6 +169,7 @@ void EmulatedCommunicator::send(const at::Tensor& tensor, int dst_rank, int tag)
 
 void EmulatedCommunicator::recv(at::Tensor& tensor, int src_rank, int tag) {
   auto& impl = *world_.impl_;
+  SlotReleasedWhileWaiting released(world_);
   std::unique_lock<std::mutex> lock(impl.mutex);
   auto& box = impl.mailboxes[{src_rank, rank_, tag}];
   waitOrThrow(lock, impl, world_.options_.timeout, rank_,

@@ -17,6 +17,11 @@ namespace moe {
 
 struct EmulatedOptions {
   std::chrono::milliseconds timeout{120000};  // a collective waiting longer than this throws
+  // Rank threads allowed to compute at once (0 = the number of cores). A rank gives its slot up
+  // while it waits in a collective. Bounding the concurrency keeps the cores busy without
+  // oversubscription and keeps the number of threads inside OpenBLAS at once small (its buffer
+  // table is sized for the core count: 1024 concurrent callers corrupt its heap).
+  int compute_slots = 0;
 };
 
 // State shared by the ranks of one emulated mesh. Create one per run; give each rank thread its own
@@ -29,12 +34,19 @@ class EmulatedWorld {
   // Makes every blocked and future call fail (used when one rank has thrown).
   void abort(const std::string& why);
 
+  // A compute slot held by a rank thread while it computes (see EmulatedOptions::compute_slots).
+  void acquireComputeSlot();
+  void releaseComputeSlot();
+
   struct Impl;  // rendezvous slots and mailboxes (emulated_communicator.cpp)
 
  private:
   friend class EmulatedCommunicator;
   MeshLayout layout_;
   EmulatedOptions options_;
+  std::mutex slot_mutex_;
+  std::condition_variable slot_freed_;
+  int free_slots_ = 1;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -4,9 +4,28 @@
 #include <exception>
 #include <thread>
 
+#include <dlfcn.h>
+
 #include "common/errors.hpp"
 
 namespace moe {
+
+namespace {
+
+// OpenBLAS's own thread count (LibTorch's at::set_num_threads does not reach it). Looked up at run
+// time because the system BLAS may be another implementation; returns -1 when it is not OpenBLAS.
+int setBlasThreads(int n) {
+  using Getter = int (*)();
+  using Setter = void (*)(int);
+  auto get = reinterpret_cast<Getter>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  auto set = reinterpret_cast<Setter>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  if (get == nullptr || set == nullptr) return -1;
+  const int previous = get();
+  set(n);
+  return previous;
+}
+
+}  // namespace
 
 MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& options) {
   const auto start = std::chrono::steady_clock::now();
@@ -17,6 +36,12 @@ MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& o
   std::vector<std::exception_ptr> errors(world);
 
   auto runOne = [&](int rank) {
+    // Holds a compute slot except while blocked in a collective (EmulatedOptions::compute_slots).
+    struct SlotHeld {
+      EmulatedWorld& w;
+      explicit SlotHeld(EmulatedWorld& world) : w(world) { w.acquireComputeSlot(); }
+      ~SlotHeld() { w.releaseComputeSlot(); }
+    } slot(emulated);
     try {
       EmulatedCommunicator comm(emulated, rank);
       results[rank] = runRank(inputs, comm);
@@ -37,11 +62,13 @@ MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& o
     // oversubscribe the cores, so it is switched off for the duration.
     const int saved_threads = at::get_num_threads();
     at::set_num_threads(1);
+    const int saved_blas_threads = setBlasThreads(1);
     std::vector<std::thread> threads;
     threads.reserve(world);
     for (int r = 0; r < world; ++r) threads.emplace_back(runOne, r);
     for (auto& t : threads) t.join();
     at::set_num_threads(saved_threads);
+    if (saved_blas_threads > 0) setBlasThreads(saved_blas_threads);
   }
   // Report the first failing rank's own error (not the "aborted" echoes of the others).
   for (int r = 0; r < world; ++r) {

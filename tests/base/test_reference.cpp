@@ -281,6 +281,34 @@ TEST(ReferenceGroups, EmptyGroupsAreCountedAndLeftOut) {
   EXPECT_EQ(computeReference(d, micro, auxOptions()).empty_groups, 0);
 }
 
+// Token-weighted groups (aux.group_weighting "tokens"): J = alpha sum_G (T_G / sum T) L_bal(G); with
+// sequence groups that is the token-weighted sum of each sequence's objective on its own.
+TEST(ReferenceGroups, TokenWeightedGroupsWeighSequencesByTheirTokens) {
+  const std::vector<int> lengths = {5, 2, 4};
+  ProblemData d = randomProblem(23, 3, 5, 6, 5, 3, 2, lengths);
+  ObjectiveDefinition o = auxOnly(ScoreFunction::kSoftmax, 2, AuxScope::kSequence, 0.01);
+  o.group_weighting = GroupWeighting::kTokens;
+  double expected = 0.0;
+  const std::size_t row = std::size_t(d.seq_len) * d.hidden;
+  for (int b = 0; b < d.batch; ++b) {
+    ProblemData one = d;
+    one.batch = 1;
+    one.x.assign(d.x.begin() + b * row, d.x.begin() + (b + 1) * row);
+    one.y.assign(d.y.begin() + b * row, d.y.begin() + (b + 1) * row);
+    one.valid.assign(d.valid.begin() + b * d.seq_len, d.valid.begin() + (b + 1) * d.seq_len);
+    expected += lengths[b] / 11.0 * evaluateObjective(one, o).aux;
+  }
+  EXPECT_NEAR(evaluateObjective(d, o).aux, expected, 1e-14 * expected);
+  EXPECT_NEAR(computeReference(d, o, auxOptions()).aux_value, expected, 1e-14 * expected);
+  // Equal group sizes: token weighting is the uniform mean.
+  ProblemData full = randomProblem(23, 3, 5, 6, 5, 3, 2);
+  ObjectiveDefinition uniform = o;
+  uniform.group_weighting = GroupWeighting::kUniform;
+  const auto rt = computeReference(full, o, auxOptions()), ru = computeReference(full, uniform, auxOptions());
+  EXPECT_NEAR(rt.aux_value, ru.aux_value, 1e-15 * ru.aux_value);
+  for (int l = 0; l < full.layers; ++l) EXPECT_LT(relDiff(rt.layers[l].aux_grad, ru.layers[l].aux_grad), 1e-14);
+}
+
 // Two exactly tied logits (router columns 0 and 1 equal): every token routes to expert 0 (lower
 // index), the margins of experts 0 and 1 are 0, so their elements are evaluated with frozen routing
 // and reported; the gradient is the analytic one of that frozen routing.

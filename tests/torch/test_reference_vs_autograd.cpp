@@ -2,7 +2,7 @@
 // implementation of the same objective (DESIGN §3), written here from the definitions and sharing no
 // code with src/model or src/sim: counts detached, routing by a stable descending torch::sort of the
 // scores (ties -> lower expert index). Table-driven over score functions, norm_topk_prob, layers,
-// padding, aux and z-loss scopes and main-loss scopes.
+// padding, aux and z-loss scopes, group weighting and main-loss scopes.
 #include <torch/torch.h>
 
 #include <gtest/gtest.h>
@@ -34,16 +34,22 @@ torch::Tensor fromVector(const std::vector<double>& v, torch::IntArrayRef shape)
       .clone();
 }
 
-// Mean over the non-empty groups of f(group's member indices) (DESIGN §3: empty groups left out).
+// Average over the non-empty groups of f(group's member indices) (DESIGN §3: empty groups left out):
+// uniform mean, or weighted by the groups' token counts (aux.group_weighting "tokens").
 template <typename Fn>
-torch::Tensor meanOverGroups(const std::vector<std::vector<int64_t>>& groups, Fn f) {
+torch::Tensor meanOverGroups(const std::vector<std::vector<int64_t>>& groups, Fn f,
+                             GroupWeighting weighting = GroupWeighting::kUniform) {
   std::vector<torch::Tensor> terms;
+  std::vector<double> sizes;
   for (const auto& members : groups) {
     if (members.empty()) continue;
     terms.push_back(f(torch::tensor(members, torch::kLong)));
+    sizes.push_back(double(members.size()));
   }
   if (terms.empty()) return torch::zeros({}, torch::kFloat64);
-  return torch::stack(terms).mean();
+  if (weighting != GroupWeighting::kTokens) return torch::stack(terms).mean();
+  const torch::Tensor w = torch::tensor(sizes, torch::kFloat64);
+  return (torch::stack(terms) * w).sum() / w.sum();
 }
 
 AutogradResult autogradObjective(const ProblemData& d, const ObjectiveDefinition& o) {
@@ -92,11 +98,11 @@ AutogradResult autogradObjective(const ProblemData& d, const ObjectiveDefinition
                   const torch::Tensor c = routed.index_select(0, m).sum(0);
                   const torch::Tensor P = p.index_select(0, m).mean(0);
                   return double(E) / (k * Tg) * (c * P).sum();
-                });
+                }, o.group_weighting);
     const torch::Tensor lse_sq = torch::logsumexp(z, {1}).pow(2);
     z_total = z_total + o.z_coeff * meanOverGroups(z_groups, [&](const torch::Tensor& m) {
                 return lse_sq.index_select(0, m).mean();
-              });
+              }, o.group_weighting);
     torch::Tensor gates = scores.gather(1, topk);
     if (o.norm_topk_prob) gates = gates / gates.sum(1, true);
     torch::Tensor mix = torch::zeros({T, H}, torch::kFloat64);
@@ -150,6 +156,7 @@ struct Case {
   MainLossScope main_scope;
   int dp, microbatches;
   std::vector<int> valid_lengths;
+  GroupWeighting weighting = GroupWeighting::kUniform;
 };
 
 const ScoreFunction kSoft = ScoreFunction::kSoftmax, kSig = ScoreFunction::kSigmoid;
@@ -168,6 +175,9 @@ const std::vector<Case>& cases() {
       {"softmax_k3_seq_empty_sequence", 6, 3, 5, 7, 8, 4, 2, 3, kSoft, false, kSeq, 0.01, 0.0, kZMicro, true, kTok, 1, 1, {5, 0, 3}},
       {"sigmoid_1layer_seq_z_micro", 7, 4, 4, 6, 4, 3, 1, 2, kSig, false, kSeq, 0.01, 5e-3, kZMicro, true, kMbMean, 4, 1, {4, 2, 4, 3}},
       {"softmax_norm_3layer_global_padding_counted", 8, 2, 5, 9, 7, 4, 3, 2, kSoft, true, kGlob, 0.03, 2e-3, kZMicro, false, kTok, 2, 1, {5, 2}},
+      // Token-weighted groups (Megatron per-token mode, torchtitan).
+      {"softmax_2layer_micro_token_weighted", 9, 4, 6, 8, 6, 4, 2, 2, kSoft, false, kMicro, 0.02, 1e-3, kZMicro, true, kTok, 2, 2, {6, 2, 5, 3}, GroupWeighting::kTokens},
+      {"sigmoid_norm_3layer_seq_token_weighted", 10, 3, 5, 7, 6, 4, 3, 2, kSig, true, kSeq, 0.01, 0.0, kZMicro, true, kMbMean, 1, 3, {5, 1, 4}, GroupWeighting::kTokens},
   };
   return table;
 }
@@ -198,6 +208,7 @@ TEST_P(ReferenceVsAutograd, GradientsAndValuesAgree) {
   o.main_scope = c.main_scope;
   o.dp = c.dp;
   o.microbatches = c.microbatches;
+  o.group_weighting = c.weighting;
 
   ReferenceOptions options;
   options.with_main = true;

@@ -1,0 +1,99 @@
+// Emulation cost against the single-device run of the same scenario (issue 3, item 7): a
+// 1024-rank mesh (dp=256, pp=2, cp=2 by default) in one process should cost about what one device
+// costs on the same global batch, and its memory should not grow with the rank count beyond the
+// activations in flight. Each measurement runs in a forked child so that its peak RSS is its own.
+//
+//   bench_emulation [--dp 256 --pp 2 --cp 2 --mb 1] [--seq 512 --hidden 128 --experts 16 --ffn 128]
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "data/problem.hpp"
+#include "sim/mesh_runner.hpp"
+
+namespace {
+
+struct Measurement {
+  double seconds = 0;
+  double peak_mib = 0;
+};
+
+// Runs the aux-only mesh run of `sc` in a child process; returns its wall time and peak RSS.
+Measurement measureInChild(const moe::Scenario& sc) {
+  int pipe_fd[2];
+  if (pipe(pipe_fd) != 0) std::abort();
+  const pid_t pid = fork();
+  if (pid == 0) {
+    close(pipe_fd[0]);
+    const moe::ProblemData data = moe::generateProblem(sc);
+    const moe::MeshInputs inputs = moe::makeMeshInputs(sc, data, {0.0, sc.aux.coeff, 0.0});
+    const auto t0 = std::chrono::steady_clock::now();
+    const moe::MeshGradients g = moe::runEmulatedMesh(inputs);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (g.router_grad.empty()) _exit(2);
+    if (write(pipe_fd[1], &s, sizeof s) != sizeof s) _exit(3);
+    _exit(0);
+  }
+  close(pipe_fd[1]);
+  Measurement m;
+  if (read(pipe_fd[0], &m.seconds, sizeof m.seconds) != sizeof m.seconds) m.seconds = -1;
+  close(pipe_fd[0]);
+  int status = 0;
+  struct rusage usage {};
+  wait4(pid, &status, 0, &usage);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::fprintf(stderr, "bench_emulation: child failed (status %d)\n", status);
+    std::exit(3);
+  }
+  m.peak_mib = usage.ru_maxrss / 1024.0;
+  return m;
+}
+
+int argInt(int argc, char** argv, const char* name, int fallback) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
+  return fallback;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moe::Scenario sc;
+  sc.name = "bench-emulation";
+  sc.seed = 3;
+  sc.mesh.dp = argInt(argc, argv, "--dp", 256);
+  sc.mesh.pp = argInt(argc, argv, "--pp", 2);
+  sc.mesh.cp = argInt(argc, argv, "--cp", 2);
+  sc.mesh.microbatches = argInt(argc, argv, "--mb", 1);
+  sc.model.hidden = argInt(argc, argv, "--hidden", 128);
+  sc.model.experts = argInt(argc, argv, "--experts", 16);
+  sc.model.top_k = 2;
+  sc.model.layers = sc.mesh.pp;  // one layer per stage
+  sc.model.ffn = argInt(argc, argv, "--ffn", 128);
+  sc.data.batch = sc.mesh.dp * sc.mesh.microbatches;
+  sc.data.seq_len = argInt(argc, argv, "--seq", 512);
+  sc.data.valid_lengths.assign(sc.data.batch, sc.data.seq_len);
+  sc.aux.coeff = 0.01;
+  moe::validateScenario(sc);
+
+  moe::Scenario single = sc;
+  single.mesh.dp = single.mesh.pp = single.mesh.cp = single.mesh.microbatches = 1;
+  const int world = sc.mesh.dp * sc.mesh.pp * sc.mesh.cp;
+  std::printf("# scenario: batch %d x seq %d tokens, hidden %d, experts %d (top-2), ffn %d, %d layers\n",
+              sc.data.batch, sc.data.seq_len, sc.model.hidden, sc.model.experts, sc.model.ffn,
+              sc.model.layers);
+  const Measurement base = measureInChild(single);
+  std::printf("single device (dp=pp=cp=1)      : %8.3f s  peak RSS %8.1f MiB\n", base.seconds, base.peak_mib);
+  const Measurement mesh = measureInChild(sc);
+  std::printf("emulated dp=%d pp=%d cp=%d M=%d (%d ranks): %8.3f s  peak RSS %8.1f MiB\n", sc.mesh.dp,
+              sc.mesh.pp, sc.mesh.cp, sc.mesh.microbatches, world, mesh.seconds, mesh.peak_mib);
+  std::printf("ratio emulated / single: time %.2fx (target <= 2x), memory %.2fx\n",
+              mesh.seconds / base.seconds, mesh.peak_mib / base.peak_mib);
+  return 0;
+}

@@ -16,12 +16,12 @@
 namespace moe {
 namespace {
 
-struct Run {
+struct CliRun {
   int exit_code;
   std::string out;
 };
 
-Run runCli(const std::string& args) {
+CliRun runCli(const std::string& args) {
   const std::string cmd = std::string(MOE_CLI_PATH) + " " + args + " 2>/dev/null";
   FILE* pipe = popen(cmd.c_str(), "r");
   std::string out;
@@ -54,7 +54,7 @@ TEST(Sweep, EveryLayoutOfWorldFourPassesForTheQuickstart) {
 }
 
 TEST(Sweep, BinaryExitsOneWhenALayoutFailsAndNamesTheFactor) {
-  const Run r = runCli("sweep " + scenarioPath("missing_cp_scale.json") + " --world 6 --fixed-microbatches -q");
+  const CliRun r = runCli("sweep " + scenarioPath("missing_cp_scale.json") + " --world 6 --fixed-microbatches -q");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.out.find("dp=3 pp=1 cp=2 M=5"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("factor=1/cp"), std::string::npos) << r.out;
@@ -62,7 +62,7 @@ TEST(Sweep, BinaryExitsOneWhenALayoutFailsAndNamesTheFactor) {
 }
 
 TEST(Sweep, NoValidLayoutIsAnInputError) {
-  const Run r = runCli("sweep " + scenarioPath("quickstart.json") + " --world 7 -q");
+  const CliRun r = runCli("sweep " + scenarioPath("quickstart.json") + " --world 7 -q");
   EXPECT_EQ(r.exit_code, 2);
 }
 
@@ -78,7 +78,7 @@ TEST(Selftest, CoversEveryCatalogFaultOnceWithDistinctMeshQuantities) {
 }
 
 TEST(Selftest, BinaryFlagsEveryFault) {
-  const Run r = runCli("selftest -q");
+  const CliRun r = runCli("selftest -q");
   EXPECT_EQ(r.exit_code, 0) << r.out;
   EXPECT_NE(r.out.find("selftest: OK (" + std::to_string(faultCatalog().size()) + " faults flagged"),
             std::string::npos)

@@ -442,6 +442,7 @@ TEST(ReportJson, InvalidScenarioJsonIsARuntimeFailure) {
 
 TEST(ReportJUnit, WellFormedWithCountsAndEscaping) {
   Report report = sampleReport();
+  report.expectation_met = false;  // a real failure: the failing check is a <failure>
   report.checks[0].name = "name with <angle> & \"quotes\"";
   const std::string xml_text = renderToString(JUnitReporter{}, report);
   const XmlCheck xml = checkXml(xml_text);
@@ -472,6 +473,18 @@ TEST(ReportJUnit, WellFormedWithCountsAndEscaping) {
   // The diagnosis text round-trips through the element content too.
   EXPECT_NE(xml.text.find("fix: fix " + kNastyText), std::string::npos);
   EXPECT_NE(xml.text.find("OBJECTIVE_NOT_INVARIANT"), std::string::npos);
+}
+
+TEST(ReportJUnit, ExpectedFailuresAreSkippedNotFailed) {
+  // A bug-reproducing scenario whose checks fail as expected exits 0: JUnit must not be red.
+  const Report report = sampleReport();  // verdict fail, expectation met
+  const XmlCheck xml = checkXml(renderToString(JUnitReporter{}, report));
+  ASSERT_TRUE(xml.ok) << xml.error;
+  EXPECT_EQ(xml.element_counts.count("failure"), 0u);
+  EXPECT_EQ(xml.element_counts.at("skipped"), 1);
+  EXPECT_EQ(firstAttributesOf(xml, "testsuite").at("failures"), "0");
+  EXPECT_EQ(firstAttributesOf(xml, "testsuite").at("skipped"), "1");
+  EXPECT_NE(firstAttributesOf(xml, "skipped").at("message").find("expected failure"), std::string::npos);
 }
 
 TEST(ReportJUnit, ControlCharactersAndEmptyReport) {

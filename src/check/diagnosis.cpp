@@ -148,9 +148,22 @@ void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::
             "intended token group: valid tokens only, all-reduced over the group's ranks";
     return;
   }
+  const auto match = attributeFactor(c.scale, mesh, std::max(1e-6, 10 * c.rtol));
+  if (match && match->expression == "1") {
+    // Right scale, nearly right direction, yet elements beyond tolerance: the element pattern
+    // differs slightly (rounding of a low-precision mesh, or a small difference of objective).
+    d.code = diag::kAuxGradDirection;
+    d.value = c.cosine;
+    d.cause = fmt::format(
+        "the aux gradient has scale {:.9g} and cosine {:.10f} but {} of {} elements lie beyond the "
+        "tolerance: rounding of the mesh dtype, or a small difference of objective",
+        c.scale, c.cosine, c.wrong, c.elements);
+    d.fix = "for a low-precision mesh, loosen tolerance.rtol; otherwise compare the token sets and "
+            "counts the mesh uses with the intended ones";
+    return;
+  }
   d.code = diag::kAuxGradScaled;
   d.value = c.scale;
-  const auto match = attributeFactor(c.scale, mesh, std::max(1e-6, 10 * c.rtol));
   if (!match) {
     d.factor = "unexplained";
     d.cause = fmt::format("the aux gradient is {:.9g} x the reference, which no product of the mesh "

@@ -116,7 +116,7 @@ std::string scenarioToJsonText(const Scenario& scenario, int indent = 2);
 std::uint64_t estimateMemoryBytes(const Scenario& scenario);
 constexpr std::uint64_t kMaxScenarioBytes = 8ull << 30;
 
-// Default relative tolerance for a dtype (float64 1e-7, float32 1e-4, bfloat16 5e-2).
+// Default relative tolerance for a dtype (float64 1e-7, float32 1e-4, bfloat16 2e-1).
 double defaultRtol(DType dtype);
 
 // The names used in JSON, on the command line and in reports.

@@ -195,7 +195,7 @@ CheckRunOutput runChecks(const Scenario& sc, const CheckRunOptions& options) {
       const double mesh_d = dot(g_all, flatten(dd.direction));
       CheckResult d = compareVectors(fmt::format("aux_grad/directional/{}", i), {mesh_d},
                                      {dd.derivative}, rtol, 10 * dd.fd_error);
-      d.method = "central differences of a full forward recompute along a random unit vector";
+      d.method = "central differences of a full forward recompute (routing frozen) along a random rank-one unit direction";
       d.informational = true;  // the element-wise checks above decide; this one corroborates
       report.checks.push_back(d);
     }

@@ -33,12 +33,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <thread>
 
 #include "common/errors.hpp"
+#include "data/splitmix64.hpp"
 #include "scenario/catalog.hpp"
 
 namespace moe {
@@ -73,13 +73,6 @@ namespace {
 using Index = std::int64_t;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Numerically stable logistic function.
-inline double sigmoid(double x) {
-  if (x >= 0.0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
-}
-
 // sigma(x + d) - sigma(x) without cancellation and without a new exponential, from s = sigma(x),
 // sn = sigma(-x) and expm1(-d): sigma(a) - sigma(b) = -sigma(a) sigma(-b) expm1(b - a), and
 // sigma(x + d) = s / (s + sn e^{-d}).
@@ -101,26 +94,6 @@ inline bool ranksBefore(const double* logits, int a, int b) {
   return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
 }
 
-// splitmix64 (Steele, Lea, Flood 2014) + Box-Muller: the directions of the directional checks are the
-// same on every platform (no <random> distributions, whose output differs across libraries).
-class SplitMix64 {
- public:
-  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
-  double normal() {
-    const double u1 = uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586476925 * u2);
-  }
-
- private:
-  std::uint64_t state_;
-};
 
 // Runs fn(begin, end, worker) over [0, count) on a few threads. Every element is written by exactly one
 // worker and nothing is reduced across workers here, so the results do not depend on the thread count.
@@ -293,7 +266,7 @@ struct LayerCache {
   std::vector<int> topk;          // [T, k] routed experts, best first
   std::vector<double> gate;       // [T, k] gate weights g
   std::vector<double> topk_sum;   // [T] sum of the top-k scores (exp_shift or sig): norm_topk_prob
-  std::vector<double> aux_weight; // [groups, E] alpha*E*c_{G,e} / (k*T_G^2*n_groups)
+  std::vector<double> aux_weight; // [groups, E] alpha*omega_G*E*c_{G,e} / (k*T_G^2), omega_G the group weight
   std::vector<double> aux_mean;   // [T] a_t = sum_e w_e p_{t,e} (token t's aux contribution)
   bool has_experts = false;
   std::vector<double> act;        // [T, k, F] tanh(h A_e) of the routed experts
@@ -303,14 +276,14 @@ struct LayerCache {
 };
 
 struct Scratch {
-  std::vector<double> dh, dh_next, dz, em, ds, dg, dpre, du, dout;
+  std::vector<double> dh, dh_next, dz, em, ds, dg, dpre, du;
   std::vector<char> marked;
   // Suffix sensitivities of the current token to its k gate weights (see suffixGateGradient).
   std::vector<double> psi_aux, psi_main, psi_aux_err, psi_main_err, dg_up, dg_down;
   std::vector<char> psi_flipped;
   Scratch(int H, int E, int k, int F)
       : dh(H), dh_next(H), dz(E), em(E), ds(E), dg(k), dpre(std::max(F, 1)), du(std::max(F, 1)),
-        dout(H), marked(E, 0), psi_aux(k), psi_main(k), psi_aux_err(k), psi_main_err(k), dg_up(k),
+        marked(E, 0), psi_aux(k), psi_main(k), psi_aux_err(k), psi_main_err(k), dg_up(k),
         dg_down(k), psi_flipped(k) {}
 };
 
@@ -434,13 +407,16 @@ class ReferenceModel {
             const double d = h / double(1 << lev);
             const double em_plus = tabled ? table_plus[lev] : std::expm1(d);
             const double em_minus = tabled ? table_minus[lev] : std::expm1(-d);
-            double* dg_up = suffix ? scratch.dg_up.data() : nullptr;
-            double* dg_down = suffix ? scratch.dg_down.data() : nullptr;
-            const double up = perturbLogit(row, j, em_plus, em_minus, in_topk, aux_token, dg_up, gates_move);
-            const double down = perturbLogit(row, j, em_minus, em_plus, in_topk, aux_token, dg_down, gates_move);
-            D_aux[lev] = (up - down) / (2.0 * d);
+            D_aux[lev] = aux_token ? (localDelta(row, j, em_plus, em_minus) -
+                                      localDelta(row, j, em_minus, em_plus)) / (2.0 * d)
+                                   : 0.0;
             D_main[lev] = 0.0;
-            if (!suffix || !gates_move) continue;
+            if (!suffix) continue;
+            double* dg_up = scratch.dg_up.data();
+            double* dg_down = scratch.dg_down.data();
+            gates_move = gateDelta(row, j, em_plus, em_minus, in_topk, dg_up);
+            if (!gates_move) continue;
+            gateDelta(row, j, em_minus, em_plus, in_topk, dg_down);
             for (int s = 0; s < k_; ++s) {
               const double gate_slope = (dg_up[s] - dg_down[s]) / (2.0 * d);
               D_aux[lev] += scratch.psi_aux[s] * gate_slope;
@@ -555,8 +531,11 @@ class ReferenceModel {
         double sig_sum = 0.0;
         if (!softmax_) {
           for (int e = 0; e < E_; ++e) {
-            c.sig[t * E_ + e] = sigmoid(z[e]);
-            c.sig_neg[t * E_ + e] = sigmoid(-z[e]);
+            // sigma(z) and sigma(-z) from one exponential of -|z| (no overflow, no cancellation).
+            const double small = std::exp(-std::abs(z[e]));
+            const double big_part = 1.0 / (1.0 + small), small_part = small / (1.0 + small);
+            c.sig[t * E_ + e] = z[e] >= 0.0 ? big_part : small_part;
+            c.sig_neg[t * E_ + e] = z[e] >= 0.0 ? small_part : big_part;
             sig_sum += c.sig[t * E_ + e];
           }
           c.sig_sum[t] = sig_sum;
@@ -696,53 +675,54 @@ class ReferenceModel {
     return r;
   }
 
-  // Token t's layer-l aux+z contribution change when z_l[t, j] moves by d (routing frozen at the
-  // unperturbed top-k), as a difference (module comment), from expm1_d = expm1(d) and
-  // expm1_neg_d = expm1(-d). When dg is given, also the changes of the k gate weights (gates_move is
-  // set when they are not all zero).
-  double perturbLogit(const TokenRow& row, int j, double expm1_d, double expm1_neg_d,
-                      const std::vector<char>& in_topk, bool aux_token, double* dg, bool& gates_move) const {
+  // Token t's layer-l aux+z contribution change when z_l[t, j] moves by d, as a difference (module
+  // comment), from expm1_d = expm1(d) and expm1_neg_d = expm1(-d). O(1); small enough to be inlined
+  // into the element loop.
+  double localDelta(const TokenRow& row, int j, double expm1_d, double expm1_neg_d) const {
     const double S = row.S;
     // Change of sum_e exp(z_e - m): only z_j moved.
     const double q = row.ex[j] * expm1_d;
-    // Sigmoid score change of expert j: sigma(z_j + d) - sigma(z_j).
-    const double qs = softmax_ ? 0.0 : sigmoidDelta(row.sig[j], row.sig_neg[j], expm1_neg_d);
-    double delta = 0.0;
-    if (aux_token) {
-      // a = N / S with N = sum_e w_e num_e: moving one numerator by w_j*q and the denominator by q
-      // changes a by q (w_j - a) / (S + q).
-      if (softmax_) delta += q * (row.w[j] - row.a) / (S + q);
-      else delta += qs * (row.w[j] - row.a) / (row.sig_sum + qs);  // p = s / sum s (DESIGN §3)
-      if (row.zw != 0.0) {
-        // lse' - lse = log1p(q / S); lse'^2 - lse^2 = (lse' - lse)(lse' + lse).
-        const double dl = std::log1p(q / S);
-        delta += row.zw * dl * (2.0 * row.lse + dl);
-      }
+    double delta;
+    // a = N / S with N = sum_e w_e num_e: moving one numerator by w_j*q and the denominator by q
+    // changes a by q (w_j - a) / (S + q).
+    if (softmax_) {
+      delta = q * (row.w[j] - row.a) / (S + q);
+    } else {
+      // p = s / sum s (DESIGN §3); qs = sigma(z_j + d) - sigma(z_j).
+      const double qs = sigmoidDelta(row.sig[j], row.sig_neg[j], expm1_neg_d);
+      delta = qs * (row.w[j] - row.a) / (row.sig_sum + qs);
     }
-    if (dg == nullptr) return delta;
-    // Gate weight changes of the (fixed) routed experts.
+    if (row.zw != 0.0) {
+      // lse' - lse = log1p(q / S); lse'^2 - lse^2 = (lse' - lse)(lse' + lse).
+      const double dl = std::log1p(q / S);
+      delta += row.zw * dl * (2.0 * row.lse + dl);
+    }
+    return delta;
+  }
+
+  // Changes dg of token t's k gate weights (routing frozen at the unperturbed top-k) when z_l[t, j]
+  // moves by d; false when none moves.
+  bool gateDelta(const TokenRow& row, int j, double expm1_d, double expm1_neg_d,
+                 const std::vector<char>& in_topk, double* dg) const {
+    const double q = row.ex[j] * expm1_d;
+    const double qs = softmax_ ? 0.0 : sigmoidDelta(row.sig[j], row.sig_neg[j], expm1_neg_d);
     const int* topk = row.topk;
     const double* gate = row.gate;
     if (softmax_ && !obj_.norm_topk_prob) {
       // g_s = exp(z_s - m) / S: ratio with numerator change q*[s == j] and denominator change q.
-      for (int s = 0; s < k_; ++s) dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (S + q);
-      gates_move = true;
-    } else if (in_topk[j]) {
-      if (softmax_) {
-        // g_s = exp(z_s - m) / sum_topk exp(z - m): unaffected by unrouted logits.
-        for (int s = 0; s < k_; ++s)
-          dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.topk_sum + q);
-      } else if (obj_.norm_topk_prob) {
-        for (int s = 0; s < k_; ++s)
-          dg[s] = qs * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.topk_sum + qs);
-      } else {
-        for (int s = 0; s < k_; ++s) dg[s] = topk[s] == j ? qs : 0.0;
-      }
-      gates_move = true;
-    } else {
-      std::fill(dg, dg + k_, 0.0);
+      for (int s = 0; s < k_; ++s) dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.S + q);
+      return true;
     }
-    return delta;
+    if (!in_topk[j]) return false;  // normalized over the top-k, or sigmoid: unrouted logits do not act
+    if (softmax_) {
+      // g_s = exp(z_s - m) / sum_topk exp(z - m).
+      for (int s = 0; s < k_; ++s) dg[s] = q * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.topk_sum + q);
+    } else if (obj_.norm_topk_prob) {
+      for (int s = 0; s < k_; ++s) dg[s] = qs * ((topk[s] == j ? 1.0 : 0.0) - gate[s]) / (row.topk_sum + qs);
+    } else {
+      for (int s = 0; s < k_; ++s) dg[s] = topk[s] == j ? qs : 0.0;
+    }
+    return true;
   }
 
   // Token t's suffix (everything after its layer-l gate weights: h_{l+1}[t] = h_l[t] + sum_s g_s o_s,

@@ -29,6 +29,18 @@ using nlohmann::json;
 
 DistributedSession* g_current = nullptr;
 
+// MOE_LBCHECK_DEBUG=1: one line per phase on stderr (rank, seconds since the process started).
+void trace(int rank, const std::string& what) {
+  static const bool on = [] {
+    const char* v = std::getenv("MOE_LBCHECK_DEBUG");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (!on) return;
+  static const auto t0 = Clock::now();
+  std::fprintf(stderr, "[moe-lbcheck rank %d %8.3f s] %s\n", rank,
+               std::chrono::duration<double>(Clock::now() - t0).count(), what.c_str());
+}
+
 std::vector<uint8_t> bytesOf(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
 std::string textOf(const std::vector<uint8_t>& b) { return std::string(b.begin(), b.end()); }
 
@@ -165,6 +177,7 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   // runner does the same). OMP_NUM_THREADS, when set (torchrun sets 1), decides instead.
   if (std::getenv("OMP_NUM_THREADS") == nullptr) at::set_num_threads(1);
 
+  trace(rank, "session: connecting to the TCPStore");
   // --- the TCPStore: rank 0 serves it unless the launcher already does.
   im.serves_store = rank == 0 && !env.launcher_hosts_store;
   c10d::TCPStoreOptions store_options;
@@ -175,7 +188,8 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   try {
     im.store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store_options);
   } catch (const std::exception& e) {
-    const std::string what = cleanWhat(e);
+    std::string what = cleanWhat(e);
+    while (!what.empty() && what.back() == '.') what.pop_back();
     if (im.serves_store) {
       const bool in_use = what.find("in use") != std::string::npos ||
                           what.find("errno: 98") != std::string::npos;
@@ -191,6 +205,7 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
                                             timeout.count() / 1000.0));
   }
 
+  trace(rank, "session: store connected");
   // --- the same scenario and mesh everywhere, every rank claimed once.
   json config = {{"world", env.world_size},
                  {"scenario", scenario.name},
@@ -249,6 +264,7 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   }
 
   // --- the process groups.
+  trace(rank, "session: creating the process groups");
   C10dOptions comm_options;
   comm_options.timeout = timeout;
   comm_options.prefix = im.prefix;
@@ -266,6 +282,7 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
     throw;
   }
   g_current = this;
+  trace(rank, "session: ready");
 }
 
 DistributedSession::~DistributedSession() {
@@ -284,6 +301,7 @@ C10dCommunicator& DistributedSession::communicator() { return *impl_->comm; }
 MeshGradients DistributedSession::Impl::runOne(const MeshInputs& in, int index) {
   const auto t0 = Clock::now();
   const int rank = env.rank;
+  trace(rank, fmt::format("mesh run {}: start", index));
   if (index == 0) applyTestHooks(rank);
   const MeshLayout& L = in.layout;
   if (L.dp != layout.dp || L.pp != layout.pp || L.cp != layout.cp)
@@ -331,6 +349,7 @@ MeshGradients DistributedSession::Impl::runOne(const MeshInputs& in, int index) 
     comm->flushSends();
   }
   out.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  trace(rank, fmt::format("mesh run {}: done", index));
   return out;
 }
 
@@ -393,6 +412,7 @@ int DistributedSession::serve(const Scenario& scenario) {
     im.next_command = index + 1;
     const std::string kind = command.value("kind", "");
     if (kind == "done") {
+      trace(im.env.rank, "serve: done, final barrier");
       im.comm->barrier();
       return 0;
     }
@@ -425,8 +445,10 @@ void DistributedSession::finish() {
   } catch (const std::exception& e) {
     throw RuntimeFailure("gloo", 0, "posting the end of the run", im.storeWhere() + ": " + cleanWhat(e));
   }
+  trace(0, "finish: final barrier");
   im.comm->barrier();
   im.stopHeartbeat();
+  trace(0, "finish: done");
 }
 
 void DistributedSession::abort(const std::string& message, int exit_code) noexcept {
@@ -472,7 +494,9 @@ int runDistributedRank(const RankEnvironment& env, const Scenario& scenario,
     } else {
       code = session->serve(scenario);
     }
+    trace(env.rank, "tearing down");
     session.reset();
+    trace(env.rank, "exiting");
     return code;
   } catch (const Error& e) {
     die(static_cast<int>(e.code()), e.what());

@@ -27,6 +27,7 @@
 //   MOE_LBCHECK_TEST_HANG_RANK=r   rank r sleeps forever (a rank that hangs)
 //   MOE_LBCHECK_TEST_DUMP_MESH_RUNS=DIR  rank 0 writes DIR/mesh_run_<i>.json: the knobs and the
 //                                  gathered gradients of mesh run i (float64, round-trip exact)
+// Debugging: MOE_LBCHECK_DEBUG=1 prints one line per phase of every rank on stderr.
 #pragma once
 
 #include <chrono>

@@ -104,7 +104,9 @@ struct Child {
 };
 
 std::string describe(const Child& c) {
-  if (c.killed_by_launcher) return "killed by the launcher (SIGKILL)";
+  if (c.killed_by_launcher)
+    return "killed by the launcher (SIGKILL): still running when the grace period after the first "
+           "failure ended, so it hung or was stuck";
   if (WIFEXITED(c.status)) return fmt::format("exited with code {}", WEXITSTATUS(c.status));
   if (WIFSIGNALED(c.status))
     return fmt::format("killed by signal {} ({})", WTERMSIG(c.status), strsignal(WTERMSIG(c.status)));
@@ -227,6 +229,8 @@ int launchLocalRanks(const Scenario& scenario, int nproc) {
     e.push_back(fmt::format("MASTER_PORT={}", port));
     e.push_back("MOE_LBCHECK_LAUNCHER_STORE=1");
     e.push_back("MOE_LBCHECK_LAUNCHED=1");
+    // c10d logs its retries as glog warnings; the ranks' own messages say what failed.
+    if (std::getenv("GLOG_minloglevel") == nullptr) e.push_back("GLOG_minloglevel=2");
   }
   auto pointers = [](std::vector<std::string>& v) {
     std::vector<char*> p;

@@ -23,7 +23,7 @@ double secondsSince(std::chrono::steady_clock::time_point t0) {
 
 MeshGradients runMesh(const Scenario& sc, const ProblemData& data, const RunKnobs& knobs,
                       const CheckRunOptions& options) {
-  if (options.backend == "gloo")  // [issue 4: backend gloo] rank 0 of a DistributedSession
+  if (options.backend == "gloo" || options.backend == "nccl")  // rank 0 of a DistributedSession
     return runDistributedMesh(makeMeshInputs(sc, data, knobs));
   if (options.backend != "emulated")
     throw UsageError("backend '" + options.backend + "' is not available in this build; use --backend emulated");
@@ -88,6 +88,9 @@ ToolInfo toolInfo() {
   t.features = {"emulated"};
 #ifdef MOE_HAVE_GLOO
   t.features.push_back("gloo");
+#endif
+#ifdef MOE_HAVE_CUDA
+  t.features.push_back("nccl");  // built; usable only where a GPU is present
 #endif
   return t;
 }

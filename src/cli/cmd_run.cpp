@@ -14,6 +14,7 @@
 #include "common/errors.hpp"
 #include "data/problem_io.hpp"
 #include "report/reporters.hpp"
+#include "cuda/nccl_communicator.hpp"
 #include "sim/distributed_runner.hpp"  // [issue 4: backend gloo]
 
 namespace moe::cli {
@@ -37,8 +38,11 @@ int runRun(const RunOptions& opt) {
   // [issue 4: backend gloo] One process per rank (src/sim/launcher.hpp, distributed_runner.hpp):
   // start the ranks here, or be one rank; rank 0 re-enters runRun inside the session and does the
   // rest of this function, the other ranks only serve its mesh runs and write nothing.
-  if (opt.backend == "gloo" && DistributedSession::current() == nullptr) {
+  const bool real_backend = opt.backend == "gloo" || opt.backend == "nccl";
+  if (opt.backend == "nccl") requireCudaDevice(-1);  // fails clearly (exit 3) without a usable GPU
+  if (real_backend && DistributedSession::current() == nullptr) {
     if (std::optional<RankEnvironment> env = detectRankEnvironment(opt.nproc)) {
+      env->backend = opt.backend;
       checkRankEnvironment(*env, sc, opt.nproc);
       return runDistributedRank(*env, sc, [&opt] { return runRun(opt); });
     }

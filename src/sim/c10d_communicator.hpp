@@ -81,7 +81,7 @@ class C10dCommunicator : public Communicator {
   void barrier() override;  // flushes the pending sends, then a world barrier
 
   // Waits until every send issued so far has been received; throws RuntimeFailure on failure.
-  void flushSends();
+  void flushSends() override;
   // True once an operation has failed (the communicator is then unusable).
   bool failed() const;
   std::chrono::milliseconds timeout() const;

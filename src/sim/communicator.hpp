@@ -31,6 +31,9 @@ class Communicator {
   // Fills the preallocated `tensor` with what `src_rank` sent under `tag`.
   virtual void recv(at::Tensor& tensor, int src_rank, int tag) = 0;
   virtual void barrier() = 0;
+  // Completes every send issued so far. Backends whose send returns before the peer receives
+  // (Gloo, NCCL) keep the data alive until this call; for the emulated backend it does nothing.
+  virtual void flushSends() {}
 };
 
 }  // namespace moe

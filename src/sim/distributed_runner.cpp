@@ -1,5 +1,7 @@
 #include "sim/distributed_runner.hpp"
 
+#include "cuda/nccl_communicator.hpp"
+
 #include <signal.h>
 #include <unistd.h>
 
@@ -131,6 +133,10 @@ struct DistributedSession::Impl {
   const std::string prefix = "moe-lbcheck";
   c10::intrusive_ptr<c10d::TCPStore> store;
   std::unique_ptr<C10dCommunicator> comm;
+  // The rank program's collectives: the Gloo communicator, or NCCL for --backend nccl (the session's
+  // own control traffic, gathering and barriers stay on Gloo).
+  std::unique_ptr<Communicator> nccl_comm;
+  Communicator& meshComm() { return nccl_comm ? *nccl_comm : *comm; }
   int next_command = 0;
   bool serves_store = false;
 
@@ -277,6 +283,8 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   }
   try {
     im.comm = std::make_unique<C10dCommunicator>(im.store, rank, im.layout, comm_options);
+    if (env.backend == "nccl")
+      im.nccl_comm = makeNcclCommunicator(*im.store, im.prefix, rank, env.local_rank, im.layout);
   } catch (...) {
     im.stopHeartbeat();
     throw;
@@ -289,6 +297,7 @@ DistributedSession::~DistributedSession() {
   if (g_current == this) g_current = nullptr;
   if (!impl_) return;
   impl_->stopHeartbeat();
+  impl_->nccl_comm.reset();
   impl_->comm.reset();
   impl_->store.reset();
 }
@@ -310,7 +319,8 @@ MeshGradients DistributedSession::Impl::runOne(const MeshInputs& in, int index) 
                                      L.dp, L.pp, L.cp, layout.dp, layout.pp, layout.cp));
   RankResult result;
   try {
-    result = runRank(in, *comm);
+    result = runRank(in, meshComm());
+    meshComm().flushSends();
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {

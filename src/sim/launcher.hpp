@@ -45,6 +45,7 @@ struct RankEnvironment {
   std::string source;                 // e.g. "torchrun (RANK/WORLD_SIZE)", for messages
   std::string world_variable = "WORLD_SIZE";  // the variable the world size came from
   bool launcher_hosts_store = false;  // MOE_LBCHECK_LAUNCHER_STORE=1: rank 0 is a store client
+  std::string backend = "gloo";       // the rank program's collectives: "gloo" or "nccl"
 };
 
 // The rank this process is, from the launcher variables above, or nullopt when this process must

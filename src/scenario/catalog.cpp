@@ -46,7 +46,7 @@ const std::vector<FaultInfo>& faultCatalog() {
        "MoEAuxLossAutoScaler.apply() return value discarded: the injection never joins the graph",
        "NeMo Automodel #1408 (fixed by PR #1412)", "AUX_GRAD_MISSING", "0"},
       {"missing_backward_scale",
-       "main_loss_backward_scale never set (stays 1) while DP averaging and PP rescaling still apply",
+       "main_loss_backward_scale never set (stays 1) while DP averaging and PP rescaling still apply (with PP the factor is dp*M/tokens)",
        "NeMo Automodel #1408 (fixed by PR #1412)", "AUX_GRAD_SCALED", "M/cp"},
       {"accumulation_overweight",
        "backward scale without the / M of gradient accumulation: the aux gradient is summed over microbatches (the over-weighting PR #3359 removed from PR #1412's scale)",

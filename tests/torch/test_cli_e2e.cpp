@@ -5,6 +5,8 @@
 // with stdout and stderr captured to files; no assertion depends on wall-clock time.
 #include <gtest/gtest.h>
 
+#include "test_support.hpp"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -45,16 +47,18 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using test::contains;
+using test::readText;
+
+// A temporary directory named after this test file.
+class TempDir : public test::TempDir {
+ public:
+  TempDir() : test::TempDir("moe-cli-e2e") {}
+};
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
 
-std::string readText(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 void writeText(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -70,35 +74,7 @@ fs::path fixture(const std::string& name) {
 
 fs::path quickstartPath() { return fs::path(MOE_SCENARIOS_DIR) / "quickstart.json"; }
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
-// A fresh directory from mkdtemp, removed with everything in it at destruction.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "moe-cli-e2e-XXXXXX").string();
-    std::vector<char> buf(pattern.begin(), pattern.end());
-    buf.push_back('\0');
-    if (::mkdtemp(buf.data()) == nullptr) {
-      ADD_FAILURE() << "mkdtemp failed: " << std::strerror(errno);
-      return;
-    }
-    path_ = buf.data();
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
 
 struct CliResult {
   int exit_code = -1;  // the exit status, or 128 + signal when killed by a signal

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/nccl_communicator.hpp"
+#include "test_support.hpp"
 
 namespace moe {
 namespace {
@@ -17,15 +18,10 @@ struct CliRun {
   std::string err;
 };
 
+// The binary's exit code and stderr (stdout discarded).
 CliRun runCli(const std::string& args) {
-  const std::string cmd = std::string(MOE_CLI_PATH) + " " + args + " 2>&1 >/dev/null";
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string err;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) err.append(buf, n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, err};
+  const test::ShellRun r = test::runShell(std::string(MOE_CLI_PATH) + " " + args + " 2>&1 >/dev/null");
+  return {r.exit_code, r.output};
 }
 
 const std::string kQuickstart = std::string(MOE_SCENARIOS_DIR) + "/quickstart.json";

@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
+#include <cstdio>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -53,5 +55,24 @@ class TempDir {
  private:
   fs::path path_;
 };
+
+// Runs a shell command and returns its exit code and standard output (redirect in `command` to
+// capture stderr instead).
+struct ShellRun {
+  int exit_code = -1;
+  std::string output;
+};
+
+inline ShellRun runShell(const std::string& command) {
+  ShellRun r;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
 
 }  // namespace moe::test

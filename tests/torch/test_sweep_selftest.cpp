@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "app/selftest.hpp"
+#include "test_support.hpp"
 #include "app/sweep.hpp"
 #include "scenario/catalog.hpp"
 
@@ -21,15 +22,10 @@ struct CliRun {
   std::string out;
 };
 
+// The binary's exit code and stdout (stderr discarded).
 CliRun runCli(const std::string& args) {
-  const std::string cmd = std::string(MOE_CLI_PATH) + " " + args + " 2>/dev/null";
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  const test::ShellRun r = test::runShell(std::string(MOE_CLI_PATH) + " " + args + " 2>/dev/null");
+  return {r.exit_code, r.output};
 }
 
 std::string scenarioPath(const std::string& name) { return std::string(MOE_SCENARIOS_DIR) + "/" + name; }

@@ -71,9 +71,9 @@ double Convention::auxValueMultiplier(const ScaleInputs& in, AuxScope scope) con
     else mult *= in.group_aux_tokens;
     if (scope == AuxScope::kSequence && has("seq_aux_missing_mbs")) mult /= in.micro_batch_size;
   } else if (preset == "torchtitan") {
-    // AuxLoss.inject: raw_sum * coeff / global_valid_tokens with raw_sum = T_G * L (token mode).
-    if (scope == AuxScope::kGlobalBatch) mult *= 1.0;
-    else mult *= in.group_aux_tokens / in.global_valid_tokens;
+    // AuxLoss.inject: raw_sum * coeff / global_valid_tokens with raw_sum = T_G * L (token mode); a
+    // global-batch partial already carries its 1 / T_global.
+    if (scope != AuxScope::kGlobalBatch) mult *= in.group_aux_tokens / in.global_valid_tokens;
   } else if (injection == Injection::kLossAdd) {
     // Added to the loss the way the main loss is normalized: DeepSpeed divides by GA steps (and the
     // partial needs x cp under the dp*cp average, like Megatron); HF divides by GA steps and keeps
@@ -85,8 +85,9 @@ double Convention::auxValueMultiplier(const ScaleInputs& in, AuxScope scope) con
 }
 
 double Convention::postReductionScale(const ScaleInputs& in) const {
-  if (preset == "megatron_per_token" || preset == "torchtitan")
-    return preset == "megatron_per_token" ? 1.0 / in.global_valid_tokens : 1.0;
+  // Megatron finalize_model_grads (per-token mode): every gradient / the global loss-token count.
+  if (preset == "megatron_per_token") return 1.0 / in.global_valid_tokens;
+  // Automodel scale_grads_and_clip_grad_norm under PP: / (num_label_tokens / |dp_cp|).
   if (preset == "nemo_automodel" && in.pp > 1) return in.dp * in.cp / in.global_valid_tokens;
   return 1.0;
 }

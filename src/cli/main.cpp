@@ -16,6 +16,16 @@ int main(int argc, char** argv) {
   moe::cli::setupValidateCommand(app, exit_code);
   moe::cli::setupListCommand(app, exit_code);
   moe::cli::setupSelftestCommand(app, exit_code);
+  // CLI11 reports an unknown subcommand as "A subcommand is required"; name it instead.
+  if (argc > 1 && argv[1][0] != '-') {
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands({})) known |= sub->get_name() == argv[1];
+    if (!known) {
+      std::cerr << "moe-lbcheck: unknown subcommand '" << argv[1]
+                << "' (expected run, sweep, validate, list or selftest; see --help)\n";
+      return static_cast<int>(moe::ExitCode::kInvalidInput);
+    }
+  }
   try {
     app.parse(argc, argv);
     return exit_code;

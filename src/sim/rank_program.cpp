@@ -18,6 +18,7 @@ struct TokenShard {
   at::Tensor index;      // [n] int64 into the B*S token axis
   at::Tensor valid;      // [n] bool: loss tokens
   at::Tensor aux_mask;   // [n] bool: tokens of the aux statistics
+  at::Tensor aux_rows;   // [n_aux] int64: positions of the aux tokens in the shard
   at::Tensor sequence;   // [n] int64: sequence index within the microbatch
   int64_t tokens = 0;
 };
@@ -40,6 +41,7 @@ TokenShard makeShard(const MeshInputs& in, const RankCoords& me, int microbatch)
   // Megatron #1982/#1984: before PR #2121 padding tokens were counted in f and P.
   const bool aux_counts_padding = !in.scenario.aux.exclude_padding || in.convention.has("count_padding");
   shard.aux_mask = aux_counts_padding ? torch::ones_like(shard.valid) : shard.valid.clone();
+  shard.aux_rows = shard.aux_mask.nonzero().squeeze(1);
   return shard;
 }
 
@@ -51,13 +53,12 @@ struct TokenTotals {
   double global_valid = 0, global_aux = 0;
 };
 
-TokenTotals countTokens(const MeshInputs& in, const RankCoords& me, Communicator& comm) {
-  const int M = in.layout.microbatches;
+TokenTotals countTokens(const std::vector<TokenShard>& shards, Communicator& comm) {
+  const int M = static_cast<int>(shards.size());
   at::Tensor local = torch::zeros({M, 2}, at::kDouble);
   for (int m = 0; m < M; ++m) {
-    const TokenShard shard = makeShard(in, me, m);
-    local[m][0] = shard.valid.sum().item<double>();
-    local[m][1] = shard.aux_mask.sum().item<double>();
+    local[m][0] = shards[m].valid.sum().item<double>();
+    local[m][1] = static_cast<double>(shards[m].aux_rows.numel());
   }
   comm.allReduceSum(local, CommGroup::kContext);
   at::Tensor replica = local.sum(0);
@@ -110,6 +111,7 @@ class RankProgram {
   RankCoords me_;
   at::ScalarType dtype_;
   TokenTotals totals_;
+  std::vector<TokenShard> shards_;  // per microbatch
   std::map<int, at::Tensor> router_weight_;  // owned layers -> leaf with grad
   std::map<std::pair<int, int>, InFlight> in_flight_;
   std::map<int, at::Tensor> global_stats_;    // layer -> [E+1] counts and tokens of the global batch
@@ -148,7 +150,7 @@ at::Tensor RankProgram::auxValue(const Routing& r, const TokenShard& shard, int 
   const Scenario& sc = in_.scenario;
   const int E = sc.model.experts, k = sc.model.top_k;
   const ScaleInputs scale = scaleInputs(microbatch);
-  const at::Tensor aux_rows = shard.aux_mask.nonzero().squeeze(1);
+  const at::Tensor& aux_rows = shard.aux_rows;
   const at::Tensor probs = r.aux_probs.index_select(0, aux_rows);  // [n_aux, E]
   const at::Tensor topk = r.topk.index_select(0, aux_rows);
   at::Tensor value = torch::zeros({}, r.logits.options());
@@ -271,7 +273,7 @@ at::Tensor RankProgram::layerForward(int layer, const at::Tensor& h, const Token
 
 void RankProgram::forward(int microbatch, int v) {
   const MeshLayout& L = in_.layout;
-  const TokenShard shard = makeShard(in_, me_, microbatch);
+  const TokenShard& shard = shards_[microbatch];
   InFlight f;
   at::Tensor h;
   if (isFirstChunk(v)) {
@@ -372,7 +374,7 @@ void RankProgram::countGlobalRouting() {
     const int first = L.chunkFirstLayer(me_.pp, v);
     for (int l = first; l < first + L.layersPerChunk(); ++l) local[l] = torch::zeros({E + 1}, at::kDouble);
     for (int m = 0; m < L.microbatches; ++m) {
-      const TokenShard shard = makeShard(in_, me_, m);
+      const TokenShard& shard = shards_[m];
       at::Tensor h;
       if (isFirstChunk(v)) {
         h = in_.x.index_select(0, shard.index);
@@ -383,7 +385,7 @@ void RankProgram::countGlobalRouting() {
       for (int l = first; l < first + L.layersPerChunk(); ++l) {
         const LayerWeights& w = in_.layers[l];
         const Routing r = routeTokens(h, w.router_weight, sc.model);
-        const at::Tensor rows = shard.aux_mask.nonzero().squeeze(1);
+        const at::Tensor& rows = shard.aux_rows;
         local[l].narrow(0, 0, E).add_(
             torch::bincount(r.topk.index_select(0, rows).reshape(-1), {}, E).to(at::kDouble));
         local[l][E] += static_cast<double>(rows.numel());
@@ -405,7 +407,9 @@ RankResult RankProgram::run() {
     for (int l = first; l < first + L.layersPerChunk(); ++l)
       router_weight_[l] = in_.layers[l].router_weight.clone().set_requires_grad(true);
   }
-  totals_ = countTokens(in_, me_, comm_);
+  // This rank's tokens of every microbatch, built once and used by every pass over them.
+  for (int m = 0; m < L.microbatches; ++m) shards_.push_back(makeShard(in_, me_, m));
+  totals_ = countTokens(shards_, comm_);
   if (in_.scenario.aux.type == AuxScope::kGlobalBatch && in_.knobs.aux_coeff != 0.0) countGlobalRouting();
   for (const PipelineAction& a :
        pipelineSchedule(in_.scenario.mesh.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {

@@ -15,7 +15,7 @@
 #include <string>
 
 #include "data/problem.hpp"
-#include "sim/mesh_runner.hpp"
+#include "sim/emulated_backend.hpp"
 
 namespace {
 
@@ -32,11 +32,15 @@ Measurement measureInChild(const moe::Scenario& sc) {
   if (pid == 0) {
     close(pipe_fd[0]);
     const moe::ProblemData data = moe::generateProblem(sc);
-    const moe::MeshInputs inputs = moe::makeMeshInputs(sc, data, {0.0, sc.aux.coeff, 0.0});
+    moe::MeshRequest request;
+    request.scenario = &sc;
+    request.data = &data;
+    request.knobs = {0.0, sc.aux.coeff, 0.0, false};
+    moe::EmulatedBackend backend;
     const auto t0 = std::chrono::steady_clock::now();
-    const moe::MeshGradients g = moe::runEmulatedMesh(inputs);
+    const moe::MeshRunResult g = backend.run(request);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (g.router_grad.empty()) _exit(2);
+    if (g.ranks.empty()) _exit(2);
     if (write(pipe_fd[1], &s, sizeof s) != sizeof s) _exit(3);
     _exit(0);
   }
@@ -84,7 +88,7 @@ int main(int argc, char** argv) {
 
   moe::Scenario single = sc;
   single.mesh.dp = single.mesh.pp = single.mesh.cp = single.mesh.microbatches = 1;
-  const int world = sc.mesh.dp * sc.mesh.pp * sc.mesh.cp;
+  const int world = static_cast<int>(sc.mesh.world());
   std::printf("# scenario: batch %d x seq %d tokens, hidden %d, experts %d (top-2), ffn %d, %d layers\n",
               sc.data.batch, sc.data.seq_len, sc.model.hidden, sc.model.experts, sc.model.ffn,
               sc.model.layers);

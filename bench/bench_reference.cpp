@@ -95,7 +95,7 @@ moe::Scenario makeScenario(const BenchSize& size) {
   sc.aux.exclude_padding = true;
   sc.mesh.dp = 1;
   sc.mesh.microbatches = 1;
-  sc.framework.preset = "megatron";
+  sc.framework.preset = moe::Preset::kMegatron;
   return sc;
 }
 

@@ -1,12 +1,12 @@
 #include "app/selftest.hpp"
 
+#include <chrono>
 #include <cmath>
-#include <sstream>
 
 #include <fmt/format.h>
 
+#include "app/tool_info.hpp"
 #include "common/errors.hpp"
-#include "report/reporters.hpp"
 #include "scenario/catalog.hpp"
 
 namespace moe {
@@ -31,41 +31,16 @@ Scenario baseScenario() {
   return sc;
 }
 
-struct CaseSpec {
-  const char* fault;
-  const char* preset;
-  AuxScope scope;
-  int dp, cp, microbatches;
-  bool padding;
-};
-
-// One case per catalog fault: the preset and mesh that make the signature observable.
-const CaseSpec kCases[] = {
-    {"discard_apply_return", "nemo_automodel", AuxScope::kMicroBatch, 3, 1, 5, true},
-    {"missing_backward_scale", "nemo_automodel", AuxScope::kMicroBatch, 3, 2, 5, true},
-    {"accumulation_overweight", "megatron", AuxScope::kMicroBatch, 3, 1, 5, true},
-    {"global_token_normalization", "megatron", AuxScope::kGlobalBatch, 3, 1, 5, true},
-    {"missing_cp_scale", "megatron", AuxScope::kMicroBatch, 3, 2, 5, true},
-    {"seq_aux_missing_mbs", "megatron_per_token", AuxScope::kSequence, 1, 1, 5, false},
-    {"count_padding", "megatron", AuxScope::kMicroBatch, 3, 1, 5, true},
-    {"world_size_multiply", "hf_trainer", AuxScope::kMicroBatch, 3, 1, 5, true},
-    {"autograd_allreduce_stats", "megatron", AuxScope::kMicroBatch, 3, 2, 5, true},
-    {"stale_token_denominator", "megatron", AuxScope::kGlobalBatch, 3, 1, 5, true},
-    {"batch_wise_counts_per_microbatch", "torchtitan", AuxScope::kGlobalBatch, 3, 1, 5, true},
-    {"coeff_as_gate", "megatron", AuxScope::kMicroBatch, 3, 1, 5, true},
-};
-
-const char* scopeName(AuxScope s) { return toString(s); }
+std::string meshText(const SelftestMesh& m) { return fmt::format("dp={} cp={} M={}", m.dp, m.cp, m.microbatches); }
 
 }  // namespace
 
 std::vector<SelftestCase> selftestCases() {
   std::vector<SelftestCase> cases;
-  for (const CaseSpec& spec : kCases) {
-    const FaultInfo* info = findFault(spec.fault);
-    if (!info) throw std::logic_error(std::string("selftest: fault not in catalog: ") + spec.fault);
+  for (const FaultRecord& record : faultCatalog()) {
+    const SelftestMesh& spec = record.selftest;
     SelftestCase c;
-    c.fault = spec.fault;
+    c.fault = record.id;
     Scenario sc = baseScenario();
     sc.framework.preset = spec.preset;
     sc.aux.type = spec.scope;
@@ -73,22 +48,24 @@ std::vector<SelftestCase> selftestCases() {
     sc.mesh.cp = spec.cp;
     sc.mesh.microbatches = spec.microbatches;
     if (!spec.padding) sc.data.valid_lengths.assign(sc.data.batch, sc.data.seq_len);
-    const std::string mesh = fmt::format("dp={} cp={} M={}", spec.dp, spec.cp, spec.microbatches);
+    // The exported files pin the weighting the preset resolves to (what the reference checks).
+    sc = resolveScenario(sc);
+    const char* preset = toString(spec.preset);
     c.fixed = sc;
-    c.fixed.name = std::string(spec.fault) + "-fixed";
+    c.fixed.name = std::string(record.name) + "-fixed";
     c.fixed.description = fmt::format(
-        "Fixed twin of {}: the same router, data and mesh ({}, preset {}, aux {}) without the fault; "
-        "the aux gradient must match the reference. Source: {}.",
-        spec.fault, mesh, spec.preset, scopeName(spec.scope), info->source);
-    c.fixed.expect = Expectation{"pass", "", ""};
+        "Fixed twin of {}: the same router, data and mesh ({}, preset {}, aux {}) without the fault; the aux "
+        "gradient must match the reference. Source: {}.",
+        record.name, meshText(spec), preset, toString(spec.scope), record.source);
+    c.fixed.expect = Expectation{Verdict::kPass, DiagnosisCode::kNone, ""};
     c.buggy = sc;
-    c.buggy.name = spec.fault;
-    c.buggy.faults = {spec.fault};
+    c.buggy.name = record.name;
+    c.buggy.faults = {record.id};
     c.buggy.description = fmt::format(
-        "Reproduces {}: {}. Preset {}, aux {}, mesh {}; expected signature {}{}.", info->source,
-        info->summary, spec.preset, scopeName(spec.scope), mesh, info->expected_diagnosis,
-        info->expected_factor.empty() ? "" : " x " + info->expected_factor);
-    c.buggy.expect = Expectation{"fail", info->expected_diagnosis, info->expected_factor};
+        "Reproduces {}: {}. Preset {}, aux {}, mesh {}; expected signature {}{}.", record.source, record.summary,
+        preset, toString(spec.scope), meshText(spec), toString(record.expected_diagnosis),
+        std::string(record.expected_factor).empty() ? "" : std::string(" x ") + record.expected_factor);
+    c.buggy.expect = Expectation{Verdict::kFail, record.expected_diagnosis, record.expected_factor};
     validateScenario(c.fixed);
     validateScenario(c.buggy);
     cases.push_back(c);
@@ -96,58 +73,55 @@ std::vector<SelftestCase> selftestCases() {
   return cases;
 }
 
-std::vector<SelftestRow> runSelftest(const CheckRunOptions& options,
-                                     const std::function<void(int, int, const std::string&)>& progress) {
-  std::vector<SelftestRow> rows;
+Report runSelftest(MeshBackend& backend, const std::vector<Reporter*>& reporters,
+                   const std::function<void(int, int, const std::string&)>& progress) {
+  Report report;
+  report.context.kind = ReportKind::kSelftest;
+  report.context.tool = toolInfo();
+  for (Reporter* r : reporters) r->reportContext(report.context);
   const std::vector<SelftestCase> cases = selftestCases();
   for (size_t i = 0; i < cases.size(); ++i) {
     const SelftestCase& c = cases[i];
-    if (progress) progress(static_cast<int>(i), static_cast<int>(cases.size()), c.fault);
-    SelftestRow row;
-    row.fault = c.fault;
-    row.mesh = fmt::format("dp={} cp={} M={} {}", c.buggy.mesh.dp, c.buggy.mesh.cp,
-                           c.buggy.mesh.microbatches, c.buggy.framework.preset);
-    row.expected = c.buggy.expect.diagnosis +
-                   (c.buggy.expect.factor.empty() ? "" : " " + c.buggy.expect.factor);
-    const Report buggy = runChecks(c.buggy, options).report;
-    row.flagged = buggy.expectation_met;
+    if (progress) progress(static_cast<int>(i), static_cast<int>(cases.size()), toString(c.fault));
+    const auto t0 = std::chrono::steady_clock::now();
+    const FaultRecord& record = faultRecord(c.fault);
+    FaultCaseOutcome outcome;
+    outcome.fault = c.fault;
+    outcome.mesh = fmt::format("dp={} cp={} M={} {}", c.buggy.mesh.dp, c.buggy.mesh.cp, c.buggy.mesh.microbatches,
+                               toString(c.buggy.framework.preset));
+    outcome.expected_code = record.expected_diagnosis;
+    outcome.expected_factor = record.expected_factor;
+    const Report buggy = runChecks(c.buggy, backend).report;
+    outcome.flagged = buggy.summary.expectation_met;
+    CheckResult row;
+    row.name = toString(c.fault);
+    row.kind = CheckKind::kFaultCase;
     row.scale = NAN;
     for (const CheckResult& check : buggy.checks) {
-      if (check.name.rfind("aux_grad/layer", 0) == 0 &&
+      if (check.kind == CheckKind::kAuxGrad &&
           (std::isnan(row.scale) || std::fabs(check.scale - 1) > std::fabs(row.scale - 1)))
         row.scale = check.scale;
-      if (!check.informational && !check.ok && row.measured.empty())
-        row.measured = check.diagnosis.code +
-                       (check.diagnosis.factor.empty() ? "" : " " + check.diagnosis.factor);
+      if (!check.informational && !check.ok && outcome.measured_code == DiagnosisCode::kNone) {
+        outcome.measured_code = check.diagnosis.code;
+        outcome.measured_factor = check.diagnosis.factor;
+      }
     }
     // Prefer the diagnosis that matches the expectation when several checks carry one.
     for (const CheckResult& check : buggy.checks)
-      if (check.diagnosis.code == c.buggy.expect.diagnosis)
-        row.measured = check.diagnosis.code +
-                       (check.diagnosis.factor.empty() ? "" : " " + check.diagnosis.factor);
-    if (row.measured.empty()) row.measured = "(none: passed)";
-    row.twin_passes = runChecks(c.fixed, options).report.expectation_met;
-    rows.push_back(row);
+      if (check.diagnosis.code == record.expected_diagnosis) {
+        outcome.measured_code = check.diagnosis.code;
+        outcome.measured_factor = check.diagnosis.factor;
+      }
+    outcome.twin_passes = runChecks(c.fixed, backend).report.summary.expectation_met;
+    row.ok = outcome.flagged && outcome.twin_passes;
+    row.fault_case = outcome;
+    row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    report.checks.push_back(row);
+    for (Reporter* r : reporters) r->reportRows({row});
   }
-  return rows;
-}
-
-std::string renderSelftestConsole(const std::vector<SelftestRow>& rows) {
-  std::ostringstream out;
-  out << fmt::format("#  {:<34} {:<34} {:<24} {:<24} {:>12}  {:<6} {}\n", "fault", "mesh", "expected",
-                     "measured", "aux scale", "fixed", "result");
-  int failed = 0;
-  for (const SelftestRow& r : rows) {
-    const bool ok = r.flagged && r.twin_passes;
-    if (!ok) ++failed;
-    out << fmt::format("   {:<34} {:<34} {:<24} {:<24} {:>12.6g}  {:<6} {}\n", r.fault, r.mesh, r.expected,
-                       r.measured, r.scale, r.twin_passes ? "pass" : "FAIL", ok ? "FLAGGED" : "MISSED");
-  }
-  out << (failed == 0 ? fmt::format("# moe-lbcheck selftest: OK ({} faults flagged, {} fixed twins pass)\n",
-                                    rows.size(), rows.size())
-                      : fmt::format("# moe-lbcheck selftest: FAILED ({} of {} faults missed or twins failed)\n",
-                                    failed, rows.size()));
-  return out.str();
+  report.summary.verdict = verdictOf(report.checks);
+  for (Reporter* r : reporters) r->finalize(report.summary);
+  return report;
 }
 
 void exportSelftestScenarios(const std::string& directory) {

@@ -1,5 +1,5 @@
-// `moe-lbcheck sweep`: the same scenario on every dp x pp x cp (x M) layout of a world size, one
-// row per layout (DESIGN §6). The CI gate for parallelism invariance of the aux gradient.
+// `moe-lbcheck sweep`: the same scenario on every dp x pp x cp (x M) layout of a world size, one row
+// per layout. The CI gate for parallelism invariance of the aux gradient.
 #pragma once
 
 #include <functional>
@@ -8,6 +8,7 @@
 
 #include "app/check_run.hpp"
 #include "report/report.hpp"
+#include "report/reporters.hpp"
 #include "scenario/scenario.hpp"
 
 namespace moe {
@@ -18,34 +19,20 @@ struct SweepOptions {
   CheckRunOptions run;
 };
 
-struct SweepRow {
-  MeshSummary mesh;
-  std::string verdict;        // "pass" | "fail"
-  double worst_scale = 1.0;   // aux-gradient scale furthest from 1 over the layers
-  double worst_cosine = 1.0;  // smallest aux-gradient cosine over the layers
-  Diagnosis diagnosis;        // of the first failing check, if any
-  std::string failing_check;
-  std::vector<std::string> findings;  // informational diagnosis codes (e.g. OBJECTIVE_NOT_INVARIANT)
-  double seconds = 0.0;
-};
-
-struct SweepResult {
-  ToolInfo tool;
-  std::string scenario_json;
-  std::string scenario_file;
-  int world = 1;
-  std::vector<SweepRow> rows;
+// Every layout of `options.world` that validateScenario accepts, in a fixed order.
+struct SweepPlan {
+  std::vector<Scenario> layouts;
   int skipped_layouts = 0;  // factorizations the scenario does not allow (batch, seq_len, layers)
-  bool passed() const;
 };
-
 // Every (dp, pp, cp) with dp*pp*cp == world and, when all_microbatches, every M dividing the
-// per-replica batch, that validateScenario accepts. `progress` (may be empty) is called before each.
-SweepResult runSweep(const Scenario& scenario, const SweepOptions& options,
-                     const std::function<void(int index, int total, const MeshConfig&)>& progress);
+// per-replica batch. Throws InputError when no layout is valid.
+SweepPlan planSweep(const Scenario& scenario, const SweepOptions& options);
 
-std::string renderSweepConsole(const SweepResult& result);
-std::string renderSweepJson(const SweepResult& result);   // schema_version 1, "kind": "sweep"
-std::string renderSweepJUnit(const SweepResult& result);  // one testcase per layout
+// Runs every layout of the plan with `backend`, one row per layout fed to `reporter` as soon as it is
+// done (context first, summary last). `progress` (may be empty) is called before each layout.
+// Returns the report (kind sweep).
+Report runSweep(const Scenario& scenario, const SweepOptions& options, MeshBackend& backend,
+                const std::vector<Reporter*>& reporters,
+                const std::function<void(int index, int total, const MeshConfig&)>& progress);
 
 }  // namespace moe

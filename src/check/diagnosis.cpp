@@ -18,12 +18,15 @@ std::vector<Quantity> distinguishable(const MeshQuantities& m) {
   auto add = [&](const char* n, double v) {
     if (v > 1) q.push_back({n, v});
   };
-  add("dp", m.dp);
-  add("cp", m.cp);
-  add("M", m.microbatches);
-  add("pp", m.pp);
+  add("dp", m.sizes.dp);
+  add("cp", m.sizes.cp);
+  add("M", m.sizes.microbatches);
+  add("pp", m.sizes.pp);
   add("mbs", m.micro_batch_size);
   add("tokens", m.tokens);
+  add("tp", m.sizes.tp);
+  add("ep", m.sizes.ep);
+  if (m.attribute_world) add("world", static_cast<double>(m.sizes.world()));
   return q;
 }
 
@@ -41,22 +44,12 @@ std::string expressionOf(const std::vector<std::pair<std::string, int>>& terms) 
   return n_den > 1 ? num + "/(" + den + ")" : num + "/" + den;
 }
 
-// The knob a user turns, in the preset's own words.
-std::string scaleKnob(const std::string& preset) {
-  if (preset == "megatron" || preset == "megatron_per_token")
-    return "the MoEAuxLossAutoScaler backward scale (schedules.forward_step_calc_loss)";
-  if (preset == "nemo_automodel")
-    return "MoEAuxLossAutoScaler.main_loss_backward_scale (BaseRecipe._set_moe_aux_loss_backward_scale)";
-  if (preset == "torchtitan") return "the AuxLoss step denominator (AuxLoss.set_step_denominator)";
-  return "the multiplier of the aux term added to the loss";
-}
-
 struct KnownFactor {
   const char* expression;
   const char* cause;
 };
 
-// Known signatures (ANCHORS.md §7); the measured factor is matched against these first.
+// Known signatures of shipped bugs; the measured factor is matched against these.
 const KnownFactor kKnownFactors[] = {
     {"1/dp",
      "DP gradient averaging is not compensated: the aux loss is normalized by the global token count "
@@ -88,10 +81,10 @@ std::optional<FactorMatch> attributeFactor(double scale, const MeshQuantities& m
   const int n = static_cast<int>(q.size());
   std::optional<FactorMatch> best;
   int best_terms = 99;
+  int total = 1;
+  for (int i = 0; i < n; ++i) total *= 3;
   // Enumerate exponent vectors in {-1,0,1}^n with at most three non-zero entries, simplest first.
   for (int terms = 0; terms <= 3; ++terms) {
-    int total = 1;
-    for (int i = 0; i < n; ++i) total *= 3;
     for (int code = 0; code < total; ++code) {
       int c = code, used = 0;
       double value = 1.0;
@@ -118,12 +111,11 @@ std::optional<FactorMatch> attributeFactor(double scale, const MeshQuantities& m
   return best;
 }
 
-void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::string& preset,
-                         double mesh_norm, double reference_norm) {
+void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::string& knob, double mesh_norm,
+                         double reference_norm) {
   Diagnosis& d = c.diagnosis;
-  const std::string knob = scaleKnob(preset);
   if (reference_norm > 0 && mesh_norm <= 1e-12 * reference_norm) {
-    d.code = diag::kAuxGradMissing;
+    d.code = DiagnosisCode::kAuxGradMissing;
     d.factor = "0";
     d.value = 0.0;
     d.cause = "the injected aux gradient never reaches the router weights (NeMo Automodel #1408: "
@@ -136,7 +128,7 @@ void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::
   // token group, stale denominators).
   const double direction_tol = std::max(1e-9, 10 * c.rtol * c.rtol);
   if (!(c.cosine >= 1.0 - direction_tol)) {
-    d.code = diag::kAuxGradDirection;
+    d.code = DiagnosisCode::kAuxGradDirection;
     d.factor = "";
     d.value = c.cosine;
     d.cause = fmt::format(
@@ -152,7 +144,7 @@ void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::
   if (match && match->expression == "1") {
     // Right scale, nearly right direction, yet elements beyond tolerance: the element pattern
     // differs slightly (rounding of a low-precision mesh, or a small difference of objective).
-    d.code = diag::kAuxGradDirection;
+    d.code = DiagnosisCode::kAuxGradDirection;
     d.value = c.cosine;
     d.cause = fmt::format(
         "the aux gradient has scale {:.9g} and cosine {:.10f} but {} of {} elements lie beyond the "
@@ -162,7 +154,7 @@ void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::
             "counts the mesh uses with the intended ones";
     return;
   }
-  d.code = diag::kAuxGradScaled;
+  d.code = DiagnosisCode::kAuxGradScaled;
   d.value = c.scale;
   if (!match) {
     d.factor = "unexplained";
@@ -173,6 +165,7 @@ void diagnoseAuxGradient(CheckResult& c, const MeshQuantities& mesh, const std::
     return;
   }
   d.factor = match->expression;
+  d.factor_alternatives = match->alternatives;
   std::string also;
   for (const auto& a : match->alternatives) also += (also.empty() ? "" : ", ") + a;
   d.cause = fmt::format("the aux gradient is {:.9g} x the reference = {}{}", c.scale, d.factor,

@@ -1,4 +1,4 @@
-// `moe-lbcheck list presets|faults`: one line each, with the source it reproduces.
+// `moe-lbcheck list presets|faults`: one entry each, with the source it follows.
 #include <iostream>
 #include <memory>
 #include <string>
@@ -16,13 +16,14 @@ struct ListOptions {
 
 int runList(const ListOptions& opt) {
   if (opt.what == "presets") {
-    for (const PresetInfo& p : presetCatalog())
+    for (const PresetRecord& p : presetCatalog())
       std::cout << fmt::format("{:<20} {}\n{:<20} source: {}\n", p.name, p.summary, "", p.source);
   } else {
-    for (const FaultInfo& f : faultCatalog())
-      std::cout << fmt::format("{:<34} {}\n{:<34} source: {}; expected: {}{}\n", f.name, f.summary, "",
-                               f.source, f.expected_diagnosis,
-                               f.expected_factor.empty() ? "" : " factor " + f.expected_factor);
+    for (const FaultRecord& f : faultCatalog()) {
+      const std::string factor = f.expected_factor;
+      std::cout << fmt::format("{:<34} {}\n{:<34} source: {}; expected: {}{}\n", f.name, f.summary, "", f.source,
+                               toString(f.expected_diagnosis), factor.empty() ? "" : " factor " + factor);
+    }
   }
   return 0;
 }
@@ -30,9 +31,7 @@ int runList(const ListOptions& opt) {
 void setupListCommand(CLI::App& app, int& exit_code) {
   auto opt = std::make_shared<ListOptions>();
   CLI::App* sub = app.add_subcommand("list", "List the framework presets or the named faults");
-  sub->add_option("what", opt->what, "presets | faults")
-      ->required()
-      ->check(CLI::IsMember({"presets", "faults"}));
+  sub->add_option("what", opt->what, "presets | faults")->required()->check(CLI::IsMember({"presets", "faults"}));
   sub->callback([opt, &exit_code] { exit_code = runList(*opt); });
 }
 

@@ -1,6 +1,7 @@
 // `moe-lbcheck sweep SCENARIO.json --world N`: every dp x pp x cp (x M) layout the scenario allows.
 #include <iostream>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include <fmt/format.h>
@@ -10,6 +11,7 @@
 #include "cli/overrides.hpp"
 #include "common/errors.hpp"
 #include "report/reporters.hpp"
+#include "sim/emulated_backend.hpp"
 
 namespace moe::cli {
 
@@ -29,16 +31,21 @@ int runSweepCommand(const SweepCliOptions& opt) {
   SweepOptions options;
   options.world = opt.world;
   options.all_microbatches = !opt.fixed_microbatches;
-  const SweepResult result = runSweep(sc, options, [&](int i, int n, const MeshConfig& m) {
-    if (!opt.quiet)
-      std::cerr << fmt::format("[{}/{}] dp={} pp={} cp={} M={}\n", i + 1, n, m.dp, m.pp, m.cp, m.microbatches);
-  });
-  const std::string console = renderSweepConsole(result);
-  const std::string json = opt.report_json.empty() ? "" : renderSweepJson(result);
-  const std::string junit = opt.junit_xml.empty() ? "" : renderSweepJUnit(result);
-  writeFilesAtomically({{opt.report_json, json}, {opt.junit_xml, junit}});
-  std::cout << console << std::flush;
-  return result.passed() ? 0 : static_cast<int>(ExitCode::kCheckFailed);
+  planSweep(sc, options);  // no valid layout: exit 2 before any output
+  std::ostringstream console, json, junit;
+  ConsoleReporter console_reporter(console);
+  JsonReporter json_reporter(json);
+  JUnitReporter junit_reporter(junit);
+  EmulatedBackend backend;
+  const Report report = runSweep(sc, options, backend, {&console_reporter, &json_reporter, &junit_reporter},
+                                 [&](int i, int n, const MeshConfig& m) {
+                                   if (!opt.quiet)
+                                     std::cerr << fmt::format("[{}/{}] dp={} pp={} cp={} M={}\n", i + 1, n, m.dp, m.pp,
+                                                              m.cp, m.microbatches);
+                                 });
+  writeFilesAtomically({{opt.report_json, json.str()}, {opt.junit_xml, junit.str()}});
+  std::cout << console.str() << std::flush;
+  return report.summary.verdict == Verdict::kPass ? 0 : static_cast<int>(ExitCode::kCheckFailed);
 }
 
 void setupSweepCommand(CLI::App& app, int& exit_code) {

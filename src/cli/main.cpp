@@ -1,5 +1,6 @@
-// moe-lbcheck: checks the load-balancing aux-loss gradient a parallel mesh produces against a
-// single-device float64 finite-difference reference. See README.md and DESIGN.md §6.
+// moe-lbcheck: checks the load-balancing aux-loss gradient a parallel mesh (or a captured real job)
+// produces against a single-device float64 finite-difference reference. See README.md. Every error is
+// caught here, and only here, and mapped to the exit codes of common/errors.hpp.
 #include <iostream>
 #include <string>
 
@@ -7,7 +8,7 @@
 #include "common/errors.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moe-lbcheck: verify MoE load-balancing aux-loss gradients under DP/PP/CP meshes"};
+  CLI::App app{"moe-lbcheck: verify MoE load-balancing aux-loss gradients under parallel meshes and in captures of real jobs"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string(MOE_VERSION));
   int exit_code = 0;
@@ -22,7 +23,7 @@ int main(int argc, char** argv) {
     for (const CLI::App* sub : app.get_subcommands({})) known |= sub->get_name() == argv[1];
     if (!known) {
       std::cerr << "moe-lbcheck: unknown subcommand '" << argv[1]
-                << "' (expected run, sweep, validate, list or selftest; see --help)\n";
+                << "' (expected run, verify, sweep, validate, list or selftest; see --help)\n";
       return static_cast<int>(moe::ExitCode::kInvalidInput);
     }
   }
@@ -30,7 +31,7 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
     return exit_code;
   } catch (const CLI::ParseError& e) {
-    // CLI11 uses 100+ for parse errors; DESIGN §6 says invalid usage is 2. --help/--version are 0.
+    // CLI11 uses 100+ for parse errors; invalid usage is exit code 2. --help/--version are 0.
     const int code = app.exit(e);
     return code == 0 ? 0 : static_cast<int>(moe::ExitCode::kInvalidInput);
   } catch (const moe::Error& e) {
@@ -38,10 +39,7 @@ int main(int argc, char** argv) {
     return static_cast<int>(e.code());
   } catch (const std::exception& e) {
     // LibTorch's c10::Error appends a C++ backtrace to its message; keep only the message.
-    std::string message = e.what();
-    const auto backtrace = message.find("\nException raised from");
-    if (backtrace != std::string::npos) message.resize(backtrace);
-    std::cerr << "moe-lbcheck: runtime failure: " << message << "\n";
+    std::cerr << "moe-lbcheck: runtime failure: " << moe::withoutBacktrace(e.what()) << "\n";
     return static_cast<int>(moe::ExitCode::kRuntimeFailure);
   }
 }

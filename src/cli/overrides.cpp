@@ -9,17 +9,6 @@
 namespace moe::cli {
 namespace {
 
-std::vector<std::string> presetNames() {
-  std::vector<std::string> n;
-  for (const auto& p : presetCatalog()) n.push_back(p.name);
-  return n;
-}
-std::vector<std::string> faultNames() {
-  std::vector<std::string> n;
-  for (const auto& f : faultCatalog()) n.push_back(f.name);
-  return n;
-}
-
 int parsePositive(const std::string& key, const std::string& text) {
   try {
     size_t used = 0;
@@ -58,9 +47,16 @@ void applyOverrides(Scenario& sc, const ScenarioOverrides& o) {
       else throw UsageError("--mesh: unknown key '" + key + "' (expected dp, pp, cp, mb, vp)");
     }
   }
-  if (!o.preset.empty()) sc.framework.preset = o.preset;
-  for (const auto& f : o.faults)
-    if (std::find(sc.faults.begin(), sc.faults.end(), f) == sc.faults.end()) sc.faults.push_back(f);
+  if (!o.preset.empty()) {
+    const std::optional<Preset> preset = presetNamed(o.preset);
+    if (!preset) throw UsageError("--preset: unknown preset '" + o.preset + "'");
+    sc.framework.preset = *preset;
+  }
+  for (const auto& name : o.faults) {
+    const std::optional<Fault> fault = faultNamed(name);
+    if (!fault) throw UsageError("--fault: unknown fault '" + name + "'");
+    if (std::find(sc.faults.begin(), sc.faults.end(), *fault) == sc.faults.end()) sc.faults.push_back(*fault);
+  }
   if (!o.dtype.empty()) sc.model.dtype = parseDType(o.dtype);
   validateScenario(sc);
 }

@@ -1,6 +1,6 @@
 // Exceptions of moe-lbcheck. Every error carries the context a user needs to act on it (file, JSON
-// path, rank, operation). They are thrown anywhere and caught only in main(), which maps them to the
-// exit codes of DESIGN.md §6.
+// path, rank, operation). They are thrown anywhere and caught only in main() (and, for a rank of a
+// distributed run, in the function that ends that rank), which maps them to the exit codes below.
 #pragma once
 
 #include <stdexcept>
@@ -8,13 +8,22 @@
 
 namespace moe {
 
-// Exit codes of DESIGN.md §6.
+// The exit codes of every subcommand (README "Exit codes").
 enum class ExitCode : int {
   kOk = 0,              // every check met its expectation
   kCheckFailed = 1,     // a gradient check failed (or the outcome did not match `expect`)
   kInvalidInput = 2,    // invalid usage or input
   kRuntimeFailure = 3,  // a rank died, a timeout, a collective failed
 };
+
+// An exception's message without the C++ backtrace LibTorch's c10::Error appends to what()
+// ("\nException raised from ...") and without trailing whitespace.
+inline std::string withoutBacktrace(std::string message) {
+  const auto backtrace = message.find("\nException raised from");
+  if (backtrace != std::string::npos) message.resize(backtrace);
+  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  return message;
+}
 
 // Base class: a message plus the exit code main() must return for it.
 class Error : public std::runtime_error {

@@ -94,12 +94,11 @@ class NcclCommunicator : public Communicator {
     checkCuda(cudaSetDevice(local_rank % devices), rank, "cudaSetDevice");
     checkCuda(cudaStreamCreate(&stream_), rank, "cudaStreamCreate");
     checkCuda(cudaStreamCreate(&send_stream_), rank, "cudaStreamCreate");
-    // World first, then this rank's groups, each from its own unique id in the store.
-    world_ = initGroup(store, prefix, "world", layout.worldGroup());
-    groups_[CommGroup::kWorld] = world_;
-    groups_[CommGroup::kDataParallel] = initGroup(store, prefix, "dp", layout.dataParallelGroup(rank));
-    groups_[CommGroup::kContext] = initGroup(store, prefix, "cp", layout.contextGroup(rank));
-    groups_[CommGroup::kDataContext] = initGroup(store, prefix, "dpcp", layout.dataContextGroup(rank));
+    // Every group kind in the fixed global order (allCommGroups(): world first), each from its own
+    // unique id in the store.
+    for (const CommGroup kind : allCommGroups())
+      groups_[kind] = initGroup(store, prefix, toString(kind), layout.groupMembers(kind, rank));
+    world_ = groups_.at(CommGroup::kWorld);
   }
   ~NcclCommunicator() override {
     for (auto& [group, comm] : groups_)

@@ -1,5 +1,5 @@
-// The single-device float64 reference of DESIGN §4: finite differences of the *intended* objective
-// (what the scenario declares), with no autograd and no code shared with the simulation it judges
+// The single-device float64 reference: finite differences of the *intended* objective (what the
+// scenario or capture declares), with no autograd and no code shared with the simulation it judges
 // (src/model, src/sim). It shares only the scenario structs and the data generator.
 #pragma once
 
@@ -8,32 +8,10 @@
 #include <vector>
 
 #include "data/problem.hpp"
+#include "reference/objective.hpp"
 #include "scenario/scenario.hpp"
 
 namespace moe {
-
-// The objective a scenario intends (DESIGN §3). Token groups of the micro_batch scopes are the
-// (DP replica, microbatch) chunks: dp * microbatches consecutive chunks of B / (dp * microbatches)
-// sequences each.
-struct ObjectiveDefinition {
-  ScoreFunction score = ScoreFunction::kSoftmax;
-  int top_k = 2;
-  bool norm_topk_prob = false;
-  AuxScope aux_scope = AuxScope::kMicroBatch;
-  double aux_coeff = 0.0;       // alpha
-  double z_coeff = 0.0;         // beta
-  ZLossScope z_scope = ZLossScope::kMicroBatch;
-  bool exclude_padding = true;  // aux and z-loss token sets: valid tokens only (true) or all tokens
-  // How groups are averaged (resolved: never kPreset). kUniform: alpha * mean over non-empty groups;
-  // kTokens: alpha * sum_G (T_G / sum T) L_G. Applies to the micro_batch z-loss groups too.
-  GroupWeighting group_weighting = GroupWeighting::kUniform;
-  MainLossScope main_scope = MainLossScope::kMicrobatchMean;
-  int dp = 1;
-  int microbatches = 1;
-};
-
-// The scenario's intended objective; main_scope comes from the preset catalog.
-ObjectiveDefinition intendedObjective(const Scenario& scenario);
 
 struct ReferenceOptions {
   double step = 1e-3;            // largest FD step, in logit units; shrunk per element below its margin
@@ -63,7 +41,7 @@ struct DirectionalDerivative {
 struct ReferenceResult {
   std::vector<ReferenceLayer> layers;
   double aux_value = 0.0, z_value = 0.0, main_value = 0.0;  // summed over layers
-  std::int64_t empty_groups = 0;    // aux groups with no token in their token set (per layer count / layers)
+  std::int64_t empty_groups = 0;    // aux groups with no token in their token set
   std::int64_t near_ties = 0;       // elements whose step was shrunk below `step` by a top-k margin
   std::int64_t frozen_elements = 0; // elements evaluated with routing frozen (margin < min_step, or a
                                     // later layer's routing would have flipped)
@@ -74,6 +52,23 @@ struct ReferenceResult {
   double seconds = 0.0;
 };
 
+// Every layer's d(J_aux + J_z)/dW_l (and dJ_main/dW_l) over the whole global batch:
+//  * One forward pass caches, per layer, the logits z_l = h_l W_l (dgemm), their exponentials and row
+//    sums, the routing, the gate weights and the expert activations.
+//  * W_l enters J only through z_l and h_l does not depend on W_l, so dJ/dW_l = h_l^T dJ/dz_l exactly
+//    (second dgemm). dJ/dz_l[t,e] is obtained by central finite differences of token t's own
+//    contribution (the model has no attention, so a logit of token t changes only token t's path;
+//    with the counts c_e and the routing held fixed J is a sum of such per-token terms), evaluated
+//    as closed-form differences (layer_cache.hpp) so that only truncation error remains.
+//  * Token t's later layers and main loss (its suffix) depend on z_l[t] only through its k gate
+//    weights: their sensitivities d suffix / d g_s are central differences of the suffix recomputed
+//    for that one token (routing frozen, later flips detected), k of them per token; each logit's
+//    derivative is its own layer-l term plus sum_s psi_s dg_s/dz. Exact chain rule at the gates, and
+//    E/k times cheaper than recomputing the suffix for every logit.
+//  * Richardson: D(h) and D(h/2) give R = (4 D(h/2) - D(h)) / 3, the number reported; its error is
+//    estimated from D(h/4) (richardson.hpp).
+//  * Steps respect the top-k margins (scores are monotone in the logits for softmax and sigmoid);
+//    below options.min_step the routing is frozen at the unperturbed choice and the element counted.
 ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinition& objective,
                                  const ReferenceOptions& options = {});
 

@@ -16,56 +16,47 @@
 #include <nlohmann/json.hpp>
 
 #include "common/errors.hpp"
+#include "common/json_input.hpp"
 
 namespace moe {
+
+const char* toString(ReportKind kind) {
+  switch (kind) {
+    case ReportKind::kRun: return "run";
+    case ReportKind::kSweep: return "sweep";
+    case ReportKind::kSelftest: return "selftest";
+    case ReportKind::kVerify: return "verify";
+  }
+  return "run";
+}
+
+Verdict verdictOf(const std::vector<CheckResult>& checks) {
+  for (const CheckResult& c : checks)
+    if (!c.informational && !c.ok) return Verdict::kFail;
+  return Verdict::kPass;
+}
+
+void writeReport(const Report& report, Reporter& reporter) {
+  reporter.reportContext(report.context);
+  reporter.reportRows(report.checks);
+  reporter.finalize(report.summary);
+}
+
 namespace {
 
 using ordered_json = nlohmann::ordered_json;
 
 // ---------------------------------------------------------------- shared helpers
 
-// The resolved scenario echoed in the report, as a JSON object ({} when the report carries none).
-// Json is nlohmann::json or nlohmann::ordered_json (which keeps the scenario's own key order).
-template <class Json = nlohmann::json>
-Json parseScenarioJson(const Report& report) {
-  if (report.scenario_json.empty()) return Json::object();
-  try {
-    Json parsed = Json::parse(report.scenario_json);
-    if (!parsed.is_object()) {
-      throw RuntimeFailure("report: the resolved scenario is not a JSON object");
-    }
-    return parsed;
-  } catch (const nlohmann::json::exception& e) {
-    throw RuntimeFailure(std::string("report: the resolved scenario is not valid JSON: ") + e.what());
-  }
-}
-
-// A string member of a nested object ("" when absent or not a string): stringAt(j, {"framework", "preset"}).
-std::string stringAt(const nlohmann::json& j, std::initializer_list<const char*> keys) {
-  const nlohmann::json* node = &j;
-  for (const char* key : keys) {
-    if (!node->is_object() || !node->contains(key)) return "";
-    node = &(*node)[key];
-  }
-  if (node->is_string()) return node->get<std::string>();
-  if (node->is_number() || node->is_boolean()) return node->dump();
-  return "";
-}
-
-std::string scenarioName(const nlohmann::json& scenario) {
-  const std::string name = stringAt(scenario, {"name"});
-  return name.empty() ? std::string("unnamed") : name;
-}
-
 struct CheckCounts {
-  int deciding = 0;       // checks that decide the verdict
-  int failed = 0;         // deciding checks that are not ok
+  int deciding = 0;       // rows that decide the verdict
+  int failed = 0;         // deciding rows that are not ok
   int informational = 0;  // findings that do not change the verdict
 };
 
-CheckCounts countChecks(const Report& report) {
+CheckCounts countChecks(const std::vector<CheckResult>& checks) {
   CheckCounts counts;
-  for (const CheckResult& check : report.checks) {
+  for (const CheckResult& check : checks) {
     if (check.informational) {
       ++counts.informational;
     } else {
@@ -106,9 +97,15 @@ std::string formatSeconds(double value) {
   return fmt::format("{:.3f}", value);
 }
 
+std::string codeAndFactor(DiagnosisCode code, const std::string& factor) {
+  std::string text = toString(code);
+  if (!factor.empty()) text += (text.empty() ? "" : " ") + factor;
+  return text;
+}
+
 // "CODE factor=F value=V: cause; fix: fix" (empty parts left out).
 std::string describeDiagnosis(const Diagnosis& d) {
-  std::string text = d.code;
+  std::string text = toString(d.code);
   if (!d.factor.empty()) text += " factor=" + d.factor;
   if (!std::isnan(d.value)) text += " value=" + formatGeneral(d.value, 9);
   if (!d.cause.empty()) text += ": " + d.cause;
@@ -117,19 +114,50 @@ std::string describeDiagnosis(const Diagnosis& d) {
 }
 
 std::string describeMesh(const MeshSummary& m) {
-  std::string text = fmt::format("dp={} pp={} cp={} M={} world={} backend={}", m.dp, m.pp, m.cp,
-                                 m.microbatches, m.world, m.backend);
+  const MeshSizes& s = m.sizes;
+  std::string text = fmt::format("dp={} pp={} cp={} M={}", s.dp, s.pp, s.cp, s.microbatches);
+  if (s.tp > 1) text += fmt::format(" tp={}", s.tp);
+  if (s.ep > 1) text += fmt::format(" ep={}", s.ep);
+  text += fmt::format(" world={} backend={}", s.world(), m.backend);
   if (!m.schedule.empty()) text += " schedule=" + m.schedule;
   return text;
 }
 
-// ---------------------------------------------------------------- console
+std::string layoutLabel(const MeshSummary& m) {
+  const MeshSizes& s = m.sizes;
+  std::string text = fmt::format("dp={} pp={} cp={} M={}", s.dp, s.pp, s.cp, s.microbatches);
+  if (s.tp > 1) text += fmt::format(" tp={}", s.tp);
+  if (s.ep > 1) text += fmt::format(" ep={}", s.ep);
+  return text;
+}
+
+std::string subjectName(const ReportContext& context) {
+  if (context.scenario && !context.scenario->name.empty()) return context.scenario->name;
+  if (context.capture) return context.capture->directory;
+  return "unnamed";
+}
+
+const char* footerLabel(ReportKind kind) {
+  switch (kind) {
+    case ReportKind::kSweep: return "# moe-lbcheck sweep: ";
+    case ReportKind::kSelftest: return "# moe-lbcheck selftest: ";
+    default: return "# moe-lbcheck: ";
+  }
+}
+
+// A scenario (or a capture's objective) that reproduces a bug expects its checks to fail: when they
+// fail as expected the run exits 0, so a dashboard must not show red either.
+bool failsAsExpected(const ReportSummary& s) { return s.expectation_met && s.verdict == Verdict::kFail; }
+
+std::string numberText(double v) { return json_input::numberText(v); }
+
+// ---------------------------------------------------------------- console rows
 
 struct TableLayout {
   std::size_t name_width = 5;
 };
 
-void writeTableHeader(std::ostream& out, const TableLayout& layout) {
+void writeCheckHeader(std::ostream& out, const TableLayout& layout) {
   out << fmt::format("#  {:<{}}  {:>12}  {:>13}  {:>11}  {:>11}  {:>9}  {:>15}  {}\n", "check",
                      layout.name_width, "scale", "cosine", "max_abs_err", "max_rel_err", "rtol",
                      "#wrong/elements", "result");
@@ -137,92 +165,179 @@ void writeTableHeader(std::ostream& out, const TableLayout& layout) {
 
 void writeCheckRow(std::ostream& out, const TableLayout& layout, const CheckResult& c) {
   const std::string wrong = fmt::format("{}/{}", c.wrong, c.elements);
-  out << fmt::format("   {:<{}}  {:>12}  {:>13}  {:>11}  {:>11}  {:>9}  {:>15}  {}\n", c.name,
-                     layout.name_width, formatGeneral(c.scale), formatCosine(c.cosine),
-                     formatScientific(c.max_abs_err), formatScientific(c.max_rel_err),
-                     formatScientific(c.rtol, 1), wrong, resultWord(c));
-  if (!c.diagnosis.code.empty()) out << "     -> " << describeDiagnosis(c.diagnosis) << "\n";
+  out << fmt::format("   {:<{}}  {:>12}  {:>13}  {:>11}  {:>11}  {:>9}  {:>15}  {}\n", c.name, layout.name_width,
+                     formatGeneral(c.scale), formatCosine(c.cosine), formatScientific(c.max_abs_err),
+                     formatScientific(c.max_rel_err), formatScientific(c.rtol, 1), wrong, resultWord(c));
+  if (c.diagnosis.code != DiagnosisCode::kNone) out << "     -> " << describeDiagnosis(c.diagnosis) << "\n";
 }
 
-void writeFooter(std::ostream& out, const Report& report) {
-  const CheckCounts counts = countChecks(report);
-  const bool pass = effectiveVerdict(report) == "pass";
-  std::string line = pass ? fmt::format("# moe-lbcheck: OK ({} checks, {} failed", counts.deciding,
-                                        counts.failed)
-                          : fmt::format("# moe-lbcheck: FAILED ({} of {} checks failed",
-                                        counts.failed, counts.deciding);
-  if (counts.informational > 0) line += fmt::format(", {} informational", counts.informational);
-  out << line << ")\n";
-  out << "# expectation: " << (report.expectation_met ? "met" : "not met");
-  if (!report.expectation_detail.empty()) out << " (" << report.expectation_detail << ")";
-  out << "\n";
+void writeLayoutHeader(std::ostream& out) {
+  out << fmt::format("#  {:<24} {:>12} {:>14} {:>7}  {}\n", "layout", "aux scale", "aux cosine", "result",
+                     "diagnosis");
+}
+
+void writeLayoutRow(std::ostream& out, const CheckResult& row) {
+  std::string diagnosis = toString(row.diagnosis.code);
+  if (!row.diagnosis.factor.empty()) diagnosis += " factor=" + row.diagnosis.factor;
+  if (!row.ok && !row.failing_check.empty()) diagnosis += " (" + row.failing_check + ")";
+  for (DiagnosisCode f : row.findings)
+    diagnosis += (diagnosis.empty() ? "" : "; ") + std::string("finding ") + toString(f);
+  out << fmt::format("   {:<24} {:>12.9g} {:>14.10f} {:>7}  {}\n", row.name, row.scale, row.cosine,
+                     row.ok ? "OK" : "FAILED", diagnosis);
+}
+
+void writeFaultHeader(std::ostream& out) {
+  out << fmt::format("#  {:<34} {:<34} {:<24} {:<24} {:>12}  {:<6} {}\n", "fault", "mesh", "expected", "measured",
+                     "aux scale", "fixed", "result");
+}
+
+void writeFaultRow(std::ostream& out, const CheckResult& row) {
+  const FaultCaseOutcome& f = *row.fault_case;
+  std::string measured = codeAndFactor(f.measured_code, f.measured_factor);
+  if (measured.empty()) measured = "(none: passed)";
+  out << fmt::format("   {:<34} {:<34} {:<24} {:<24} {:>12.6g}  {:<6} {}\n", row.name, f.mesh,
+                     codeAndFactor(f.expected_code, f.expected_factor), measured, row.scale,
+                     f.twin_passes ? "pass" : "FAIL", row.ok ? "FLAGGED" : "MISSED");
 }
 
 }  // namespace
 
-void ConsoleReporter::write(const Report& report, std::ostream& out) const {
-  const nlohmann::json scenario = parseScenarioJson(report);
-  TableLayout layout;
-  for (const CheckResult& c : report.checks) layout.name_width = std::max(layout.name_width, c.name.size());
+// ---------------------------------------------------------------- console
 
-  if (options_.quiet) {
-    bool header_written = false;
-    for (const CheckResult& c : report.checks) {
-      if (c.informational || c.ok) continue;
-      if (!header_written) writeTableHeader(out, layout);
-      header_written = true;
-      writeCheckRow(out, layout, c);
-    }
-    writeFooter(out, report);
+ConsoleReporter::ConsoleReporter(std::ostream& out, ConsoleOptions options) : out_(out), options_(options) {}
+
+void ConsoleReporter::reportContext(const ReportContext& context) {
+  context_ = context;
+  if (options_.quiet) return;
+  std::ostream& out = out_;
+  if (context.kind == ReportKind::kSweep) {
+    out << fmt::format("# moe-lbcheck sweep  world={}  scenario: {}\n", context.world,
+                       context.scenario ? context.scenario->source_file : std::string());
     return;
   }
-
-  std::string tool_line = "# moe-lbcheck " + (report.tool.version.empty() ? "?" : report.tool.version);
-  if (!report.tool.torch_version.empty()) tool_line += "  torch " + report.tool.torch_version;
-  if (!report.tool.features.empty()) {
+  if (context.kind == ReportKind::kSelftest) return;
+  std::string tool_line = "# moe-lbcheck " + (context.tool.version.empty() ? "?" : context.tool.version);
+  if (!context.tool.torch_version.empty()) tool_line += "  torch " + context.tool.torch_version;
+  if (!context.tool.features.empty()) {
     std::string features;
-    for (const std::string& f : report.tool.features) features += (features.empty() ? "" : ",") + f;
+    for (const std::string& f : context.tool.features) features += (features.empty() ? "" : ",") + f;
     tool_line += "  features: " + features;
   }
   out << tool_line << "\n";
-  out << "# scenario: " << scenarioName(scenario);
-  if (!report.scenario_file.empty()) out << "  (" << report.scenario_file << ")";
-  out << "\n";
-  out << "# mesh: " << describeMesh(report.mesh) << "\n";
-
-  std::string setup = "# preset: " + stringAt(scenario, {"framework", "preset"});
-  if (scenario.contains("faults") && scenario["faults"].is_array() && !scenario["faults"].empty()) {
-    std::string faults;
-    for (const auto& f : scenario["faults"]) {
-      faults += (faults.empty() ? "" : ",") + (f.is_string() ? f.get<std::string>() : f.dump());
+  if (context.scenario) {
+    const Scenario& sc = *context.scenario;
+    out << "# scenario: " << (sc.name.empty() ? "unnamed" : sc.name);
+    if (!sc.source_file.empty()) out << "  (" << sc.source_file << ")";
+    out << "\n";
+  }
+  if (context.mesh) out << "# mesh: " << describeMesh(*context.mesh) << "\n";
+  if (context.scenario) {
+    const Scenario& sc = *context.scenario;
+    std::string setup = std::string("# preset: ") + toString(sc.framework.preset);
+    if (!sc.faults.empty()) {
+      std::string faults;
+      for (Fault f : sc.faults) faults += (faults.empty() ? "" : ",") + std::string(toString(f));
+      setup += "  faults: " + faults;
     }
-    setup += "  faults: " + faults;
+    setup += std::string("  aux: ") + toString(sc.aux.type) + " coeff=" + numberText(sc.aux.coeff) +
+             " z_loss_coeff=" + numberText(sc.aux.z_loss_coeff);
+    setup += std::string("  dtype: ") + toString(sc.model.dtype);
+    out << setup << "\n";
   }
-  const std::string aux_type = stringAt(scenario, {"aux", "type"});
-  if (!aux_type.empty()) {
-    setup += "  aux: " + aux_type + " coeff=" + stringAt(scenario, {"aux", "coeff"}) +
-             " z_loss_coeff=" + stringAt(scenario, {"aux", "z_loss_coeff"});
+  if (context.capture) {
+    const CaptureSummary& c = *context.capture;
+    out << "# capture: " << c.directory << "  (" << c.world_size << " rank files";
+    if (!c.framework.empty()) out << "; framework: " << c.framework;
+    out << ")\n";
+    const CaptureMesh& m = c.mesh;
+    out << fmt::format("# mesh: dp_size={} cp_size={} pp_size={} tp_size={} ep_size={} microbatches={} world={}\n",
+                       m.dp_size, m.cp_size, m.pp_size, m.tp_size, m.ep_size, m.microbatches, c.world_size);
+    const CaptureObjective& o = c.objective;
+    out << fmt::format("# objective: aux {} coeff={} z_loss_coeff={} z_loss_scope={} top_k={} score={}{} "
+                       "group_weighting={} exclude_padding={} compute_dtype={}  tokens: {}\n",
+                       toString(o.aux_type), numberText(o.coeff), numberText(o.z_loss_coeff),
+                       toString(o.z_loss_scope), o.top_k, toString(o.score),
+                       o.norm_topk_prob ? " norm_topk_prob" : "", toString(o.group_weighting),
+                       o.exclude_padding ? "true" : "false", toString(o.compute_dtype), c.tokens);
   }
-  const std::string dtype = stringAt(scenario, {"model", "dtype"});
-  if (!dtype.empty()) setup += "  dtype: " + dtype;
-  out << setup << "\n#\n";
-
-  writeTableHeader(out, layout);
-  for (const CheckResult& c : report.checks) writeCheckRow(out, layout, c);
   out << "#\n";
+}
 
-  const ReferenceSummary& r = report.reference;
-  out << "# reference: method=" << (r.method.empty() ? "-" : r.method)
-      << ", step=" << formatScientific(r.step, 2)
-      << ", fd error estimate=" << formatScientific(r.fd_error_estimate, 2)
-      << ", near-ties=" << r.near_ties << ", frozen=" << r.frozen_tokens
-      << ", empty groups=" << r.empty_groups << "\n";
-  out << "# objective: aux=" << formatGeneral(r.aux_value, 9) << " z=" << formatGeneral(r.z_value, 9)
-      << " main=" << formatGeneral(r.main_value, 9) << "\n";
-  out << "# timing: reference " << formatSeconds(report.timing.reference_s) << " s, mesh "
-      << formatSeconds(report.timing.mesh_s) << " s, total " << formatSeconds(report.timing.total_s)
-      << " s\n";
-  writeFooter(out, report);
+void ConsoleReporter::reportRows(const std::vector<CheckResult>& rows) {
+  rows_.insert(rows_.end(), rows.begin(), rows.end());
+  std::ostream& out = out_;
+  switch (context_.kind) {
+    case ReportKind::kSweep:
+    case ReportKind::kSelftest:
+      // Rows stream as they come (one per layout or fault), with the header once.
+      for (const CheckResult& row : rows) {
+        if (options_.quiet && row.ok) continue;
+        if (!header_written_) {
+          if (context_.kind == ReportKind::kSweep) writeLayoutHeader(out);
+          else writeFaultHeader(out);
+          header_written_ = true;
+        }
+        if (context_.kind == ReportKind::kSweep) writeLayoutRow(out, row);
+        else writeFaultRow(out, row);
+      }
+      return;
+    default: {
+      TableLayout layout;
+      for (const CheckResult& c : rows) layout.name_width = std::max(layout.name_width, c.name.size());
+      for (const CheckResult& c : rows) {
+        if (options_.quiet && (c.informational || c.ok)) continue;
+        if (!header_written_) writeCheckHeader(out, layout);
+        header_written_ = true;
+        writeCheckRow(out, layout, c);
+      }
+    }
+  }
+}
+
+void ConsoleReporter::finalize(const ReportSummary& summary) {
+  std::ostream& out = out_;
+  const CheckCounts counts = countChecks(rows_);
+  const bool pass = summary.verdict == Verdict::kPass;
+  const ReportKind kind = context_.kind;
+  if (kind == ReportKind::kSweep) {
+    if (summary.skipped_layouts > 0)
+      out << fmt::format("# {} layouts of world {} skipped: the scenario does not allow them\n",
+                         summary.skipped_layouts, context_.world);
+    out << footerLabel(kind)
+        << (pass ? fmt::format("OK ({} layouts, 0 failed)\n", counts.deciding)
+                 : fmt::format("FAILED ({} of {} layouts failed)\n", counts.failed, counts.deciding));
+    return;
+  }
+  if (kind == ReportKind::kSelftest) {
+    out << footerLabel(kind)
+        << (pass ? fmt::format("OK ({} faults flagged, {} fixed twins pass)\n", counts.deciding, counts.deciding)
+                 : fmt::format("FAILED ({} of {} faults missed or twins failed)\n", counts.failed,
+                               counts.deciding));
+    return;
+  }
+  if (!options_.quiet) {
+    out << "#\n";
+    if (summary.reference) {
+      const ReferenceSummary& r = *summary.reference;
+      out << "# reference: method=" << (r.method.empty() ? "-" : r.method) << ", step=" << formatScientific(r.step, 2)
+          << ", fd error estimate=" << formatScientific(r.fd_error_estimate, 2) << ", near-ties=" << r.near_ties
+          << ", frozen=" << r.frozen_tokens << ", empty groups=" << r.empty_groups << "\n";
+      out << "# objective: aux=" << formatGeneral(r.aux_value, 9) << " z=" << formatGeneral(r.z_value, 9);
+      if (kind == ReportKind::kRun) out << " main=" << formatGeneral(r.main_value, 9);
+      out << "\n";
+    }
+    out << "# timing: reference " << formatSeconds(summary.timing.reference_s)
+        << (kind == ReportKind::kVerify ? " s, capture load " : " s, mesh ")
+        << formatSeconds(kind == ReportKind::kVerify ? summary.timing.load_s : summary.timing.mesh_s)
+        << " s, total " << formatSeconds(summary.timing.total_s) << " s\n";
+  }
+  std::string line = pass ? fmt::format("OK ({} checks, {} failed", counts.deciding, counts.failed)
+                          : fmt::format("FAILED ({} of {} checks failed", counts.failed, counts.deciding);
+  if (counts.informational > 0) line += fmt::format(", {} informational", counts.informational);
+  out << footerLabel(kind) << line << ")\n";
+  out << "# expectation: " << (summary.expectation_met ? "met" : "not met");
+  if (!summary.expectation_detail.empty()) out << " (" << summary.expectation_detail << ")";
+  out << "\n";
 }
 
 // ---------------------------------------------------------------- JSON
@@ -235,10 +350,11 @@ ordered_json numberOrNull(double value) {
 }
 
 ordered_json diagnosisJson(const Diagnosis& d) {
-  if (d.code.empty()) return nullptr;
+  if (d.code == DiagnosisCode::kNone) return nullptr;
   ordered_json j;
-  j["code"] = d.code;
+  j["code"] = toString(d.code);
   j["factor"] = d.factor;
+  j["factor_alternatives"] = d.factor_alternatives;
   j["value"] = numberOrNull(d.value);
   j["cause"] = d.cause;
   j["fix"] = d.fix;
@@ -263,40 +379,35 @@ ordered_json checkJson(const CheckResult& c) {
   return j;
 }
 
-}  // namespace
-
-void JsonReporter::write(const Report& report, std::ostream& out) const {
-  ordered_json j;
-  j["schema_version"] = Report::kSchemaVersion;
-
+ordered_json toolJson(const ToolInfo& t) {
   ordered_json tool;
-  tool["version"] = report.tool.version;
-  tool["torch_version"] = report.tool.torch_version;
-  tool["features"] = report.tool.features;
-  j["tool"] = tool;
+  tool["version"] = t.version;
+  tool["torch_version"] = t.torch_version;
+  tool["features"] = t.features;
+  return tool;
+}
 
-  j["scenario_file"] = report.scenario_file;
-  j["scenario"] = parseScenarioJson<ordered_json>(report);
-
+ordered_json meshJson(const MeshSummary& m) {
   ordered_json mesh;
-  mesh["dp"] = report.mesh.dp;
-  mesh["pp"] = report.mesh.pp;
-  mesh["cp"] = report.mesh.cp;
-  mesh["microbatches"] = report.mesh.microbatches;
-  mesh["world"] = report.mesh.world;
-  mesh["backend"] = report.mesh.backend;
-  mesh["schedule"] = report.mesh.schedule;
-  j["mesh"] = mesh;
+  mesh["dp"] = m.sizes.dp;
+  mesh["pp"] = m.sizes.pp;
+  mesh["cp"] = m.sizes.cp;
+  mesh["microbatches"] = m.sizes.microbatches;
+  mesh["world"] = m.sizes.world();
+  mesh["backend"] = m.backend;
+  mesh["schedule"] = m.schedule;
+  return mesh;
+}
 
-  j["verdict"] = effectiveVerdict(report);
-  j["expectation_met"] = report.expectation_met;
-  j["expectation_detail"] = report.expectation_detail;
+ordered_json scenarioJson(const Scenario& sc) {
+  try {
+    return ordered_json::parse(scenarioToJsonText(sc, -1));
+  } catch (const nlohmann::json::exception& e) {
+    throw RuntimeFailure(std::string("report: the resolved scenario is not valid JSON: ") + e.what());
+  }
+}
 
-  ordered_json checks = ordered_json::array();
-  for (const CheckResult& c : report.checks) checks.push_back(checkJson(c));
-  j["checks"] = checks;
-
-  const ReferenceSummary& r = report.reference;
+ordered_json referenceJson(const ReferenceSummary& r) {
   ordered_json reference;
   reference["method"] = r.method;
   reference["step"] = numberOrNull(r.step);
@@ -308,16 +419,127 @@ void JsonReporter::write(const Report& report, std::ostream& out) const {
   reference["z_value"] = numberOrNull(r.z_value);
   reference["main_value"] = numberOrNull(r.main_value);
   reference["seconds"] = numberOrNull(r.seconds);
-  j["reference"] = reference;
+  return reference;
+}
 
-  ordered_json timing;
-  timing["reference_s"] = numberOrNull(report.timing.reference_s);
-  timing["mesh_s"] = numberOrNull(report.timing.mesh_s);
-  timing["total_s"] = numberOrNull(report.timing.total_s);
-  j["timing"] = timing;
+ordered_json captureJson(const CaptureSummary& c) {
+  ordered_json j;
+  j["directory"] = c.directory;
+  j["world_size"] = c.world_size;
+  j["mesh"] = {{"dp_size", c.mesh.dp_size}, {"cp_size", c.mesh.cp_size}, {"pp_size", c.mesh.pp_size},
+               {"tp_size", c.mesh.tp_size}, {"ep_size", c.mesh.ep_size}, {"microbatches", c.mesh.microbatches}};
+  const CaptureObjective& o = c.objective;
+  j["objective"] = {{"aux_type", toString(o.aux_type)},
+                    {"coeff", o.coeff},
+                    {"z_loss_coeff", o.z_loss_coeff},
+                    {"z_loss_scope", toString(o.z_loss_scope)},
+                    {"top_k", o.top_k},
+                    {"score", toString(o.score)},
+                    {"norm_topk_prob", o.norm_topk_prob},
+                    {"exclude_padding", o.exclude_padding},
+                    {"group_weighting", toString(o.group_weighting)},
+                    {"compute_dtype", toString(o.compute_dtype)}};
+  j["framework"] = c.framework;
+  j["created_by"] = c.created_by;
+  j["layers"] = c.layers;
+  j["tokens"] = c.tokens;
+  return j;
+}
 
+ordered_json layoutJson(const CheckResult& row) {
+  ordered_json x;
+  const MeshSummary& m = row.layout ? *row.layout : MeshSummary{};
+  x["mesh"] = meshJson(m);
+  x["verdict"] = row.ok ? "pass" : "fail";
+  x["scale"] = numberOrNull(row.scale);
+  x["cosine"] = numberOrNull(row.cosine);
+  x["failing_check"] = row.failing_check;
+  x["diagnosis"] = diagnosisJson(row.diagnosis);
+  ordered_json findings = ordered_json::array();
+  for (DiagnosisCode f : row.findings) findings.push_back(toString(f));
+  x["findings"] = findings;
+  x["seconds"] = numberOrNull(row.seconds);
+  return x;
+}
+
+ordered_json faultCaseJson(const CheckResult& row) {
+  const FaultCaseOutcome& f = *row.fault_case;
+  ordered_json x;
+  x["fault"] = toString(f.fault);
+  x["mesh"] = f.mesh;
+  x["expected"] = {{"code", toString(f.expected_code)}, {"factor", f.expected_factor}};
+  x["measured"] = {{"code", toString(f.measured_code)}, {"factor", f.measured_factor}};
+  x["scale"] = numberOrNull(row.scale);
+  x["flagged"] = f.flagged;
+  x["twin_passes"] = f.twin_passes;
+  x["ok"] = row.ok;
+  x["seconds"] = numberOrNull(row.seconds);
+  return x;
+}
+
+}  // namespace
+
+JsonReporter::JsonReporter(std::ostream& out, JsonOptions options) : out_(out), options_(options) {}
+
+void JsonReporter::reportContext(const ReportContext& context) { context_ = context; }
+
+void JsonReporter::reportRows(const std::vector<CheckResult>& rows) {
+  rows_.insert(rows_.end(), rows.begin(), rows.end());
+}
+
+void JsonReporter::finalize(const ReportSummary& summary) {
+  const ReportContext& c = context_;
+  ordered_json j;
+  j["schema_version"] = Report::kSchemaVersion;
+  j["kind"] = toString(c.kind);
+  j["tool"] = toolJson(c.tool);
+  switch (c.kind) {
+    case ReportKind::kRun:
+    case ReportKind::kVerify: {
+      if (c.kind == ReportKind::kRun) {
+        j["scenario_file"] = c.scenario ? c.scenario->source_file : std::string();
+        j["scenario"] = c.scenario ? scenarioJson(*c.scenario) : ordered_json::object();
+        j["mesh"] = meshJson(c.mesh ? *c.mesh : MeshSummary{});
+      } else {
+        j["capture"] = captureJson(c.capture ? *c.capture : CaptureSummary{});
+      }
+      j["verdict"] = toString(summary.verdict);
+      j["expectation_met"] = summary.expectation_met;
+      j["expectation_detail"] = summary.expectation_detail;
+      ordered_json checks = ordered_json::array();
+      for (const CheckResult& row : rows_) checks.push_back(checkJson(row));
+      j["checks"] = checks;
+      j["reference"] = referenceJson(summary.reference ? *summary.reference : ReferenceSummary{});
+      ordered_json timing;
+      timing["reference_s"] = numberOrNull(summary.timing.reference_s);
+      if (c.kind == ReportKind::kRun) timing["mesh_s"] = numberOrNull(summary.timing.mesh_s);
+      else timing["load_s"] = numberOrNull(summary.timing.load_s);
+      timing["total_s"] = numberOrNull(summary.timing.total_s);
+      j["timing"] = timing;
+      break;
+    }
+    case ReportKind::kSweep: {
+      j["scenario_file"] = c.scenario ? c.scenario->source_file : std::string();
+      j["scenario"] = c.scenario ? scenarioJson(*c.scenario) : ordered_json::object();
+      j["world"] = c.world;
+      j["verdict"] = toString(summary.verdict);
+      j["skipped_layouts"] = summary.skipped_layouts;
+      ordered_json rows = ordered_json::array();
+      for (const CheckResult& row : rows_) rows.push_back(layoutJson(row));
+      j["rows"] = rows;
+      break;
+    }
+    case ReportKind::kSelftest: {
+      j["verdict"] = toString(summary.verdict);
+      ordered_json rows = ordered_json::array();
+      for (const CheckResult& row : rows_)
+        if (row.fault_case) rows.push_back(faultCaseJson(row));
+      j["rows"] = rows;
+      break;
+    }
+  }
   // error_handler::replace: a non-UTF-8 byte in a name or message must not abort the report.
-  out << j.dump(options_.indent, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  out_ << j.dump(options_.indent, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
 }
 
 // ---------------------------------------------------------------- JUnit
@@ -348,11 +570,25 @@ std::string attr(const std::string& text) { return xmlEscape(text, true); }
 std::string text(const std::string& text) { return xmlEscape(text, false); }
 
 std::string checkSummary(const CheckResult& c) {
-  std::string summary = fmt::format(
-      "scale={} cosine={} max_abs_err={} max_rel_err={} rtol={} wrong={}/{}", formatGeneral(c.scale),
-      formatCosine(c.cosine), formatScientific(c.max_abs_err), formatScientific(c.max_rel_err),
-      formatScientific(c.rtol, 1), c.wrong, c.elements);
-  if (!c.diagnosis.code.empty()) summary += "; " + describeDiagnosis(c.diagnosis);
+  std::string summary;
+  if (c.fault_case) {
+    const FaultCaseOutcome& f = *c.fault_case;
+    summary = fmt::format("expected {} measured {} (aux scale {}); fixed twin {}",
+                          codeAndFactor(f.expected_code, f.expected_factor),
+                          codeAndFactor(f.measured_code, f.measured_factor), formatGeneral(c.scale),
+                          f.twin_passes ? "passes" : "FAILS");
+    return summary;
+  }
+  if (c.layout) {
+    summary = fmt::format("{} {} scale={:.9g} cosine={:.10f}", c.failing_check, toString(c.diagnosis.code), c.scale,
+                          c.cosine);
+    if (!c.diagnosis.cause.empty()) summary += ": " + c.diagnosis.cause;
+    return summary;
+  }
+  summary = fmt::format("scale={} cosine={} max_abs_err={} max_rel_err={} rtol={} wrong={}/{}", formatGeneral(c.scale),
+                        formatCosine(c.cosine), formatScientific(c.max_abs_err), formatScientific(c.max_rel_err),
+                        formatScientific(c.rtol, 1), c.wrong, c.elements);
+  if (c.diagnosis.code != DiagnosisCode::kNone) summary += "; " + describeDiagnosis(c.diagnosis);
   return summary;
 }
 
@@ -362,59 +598,99 @@ void writeProperty(std::ostream& out, const std::string& name, const std::string
 
 }  // namespace
 
-void JUnitReporter::write(const Report& report, std::ostream& out) const {
-  const nlohmann::json scenario = parseScenarioJson(report);
-  const std::string name = scenarioName(scenario);
-  const CheckCounts counts = countChecks(report);
-  const std::size_t tests = report.checks.size();
-  const std::string time = formatSeconds(std::isfinite(report.timing.total_s) ? report.timing.total_s : 0.0);
-  // A scenario that reproduces a bug expects its checks to fail: when they fail as expected the run
-  // exits 0, so CI dashboards must not show red either: those checks are reported as skipped
-  // ("expected failure") instead of failed.
-  const bool expected_failure = report.expectation_met && effectiveVerdict(report) == "fail";
+JUnitReporter::JUnitReporter(std::ostream& out) : out_(out) {}
+
+void JUnitReporter::reportContext(const ReportContext& context) { context_ = context; }
+
+void JUnitReporter::reportRows(const std::vector<CheckResult>& rows) {
+  rows_.insert(rows_.end(), rows.begin(), rows.end());
+}
+
+void JUnitReporter::finalize(const ReportSummary& summary) {
+  std::ostream& out = out_;
+  const ReportContext& c = context_;
+  const CheckCounts counts = countChecks(rows_);
+  const std::size_t tests = rows_.size();
+  double seconds = std::isfinite(summary.timing.total_s) ? summary.timing.total_s : 0.0;
+  if (c.kind == ReportKind::kSweep || c.kind == ReportKind::kSelftest) {
+    seconds = 0.0;
+    for (const CheckResult& row : rows_) seconds += std::isfinite(row.seconds) ? row.seconds : 0.0;
+  }
+  const std::string time = formatSeconds(seconds);
+  const bool expected_failure =
+      (c.kind == ReportKind::kRun || c.kind == ReportKind::kVerify) && failsAsExpected(summary);
   const int failures = expected_failure ? 0 : counts.failed;
   const int skipped = expected_failure ? counts.failed : 0;
+  std::string suite_name;
+  std::string classname;
+  switch (c.kind) {
+    case ReportKind::kSweep:
+      suite_name = "sweep world=" + std::to_string(c.world) + " " + (c.scenario ? c.scenario->source_file : "");
+      classname = "moe-lbcheck.sweep";
+      break;
+    case ReportKind::kSelftest:
+      suite_name = "selftest";
+      classname = "moe-lbcheck.selftest";
+      break;
+    case ReportKind::kVerify:
+      suite_name = subjectName(c);
+      classname = "moe-lbcheck.verify";
+      break;
+    case ReportKind::kRun:
+      suite_name = subjectName(c);
+      classname = "moe-lbcheck." + suite_name;
+      break;
+  }
 
   out << "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
   out << "<testsuites name=\"moe-lbcheck\" tests=\"" << tests << "\" failures=\"" << failures
       << "\" errors=\"0\" time=\"" << time << "\">\n";
-  out << "  <testsuite name=\"" << attr(name) << "\" tests=\"" << tests << "\" failures=\""
-      << failures << "\" errors=\"0\" skipped=\"" << skipped << "\" time=\"" << time << "\">\n";
+  out << "  <testsuite name=\"" << attr(suite_name) << "\" tests=\"" << tests << "\" failures=\"" << failures
+      << "\" errors=\"0\" skipped=\"" << skipped << "\" time=\"" << time << "\">\n";
 
   out << "    <properties>\n";
-  writeProperty(out, "scenario_file", report.scenario_file);
-  writeProperty(out, "mesh", describeMesh(report.mesh));
-  writeProperty(out, "preset", stringAt(scenario, {"framework", "preset"}));
-  writeProperty(out, "verdict", effectiveVerdict(report));
-  writeProperty(out, "expectation_met", report.expectation_met ? "true" : "false");
-  writeProperty(out, "expectation_detail", report.expectation_detail);
-  writeProperty(out, "reference_method", report.reference.method);
-  writeProperty(out, "fd_error_estimate", formatScientific(report.reference.fd_error_estimate, 2));
-  writeProperty(out, "near_ties", std::to_string(report.reference.near_ties));
-  writeProperty(out, "tool_version", report.tool.version);
+  writeProperty(out, "kind", toString(c.kind));
+  if (c.scenario) {
+    writeProperty(out, "scenario_file", c.scenario->source_file);
+    writeProperty(out, "preset", toString(c.scenario->framework.preset));
+  }
+  if (c.mesh) writeProperty(out, "mesh", describeMesh(*c.mesh));
+  if (c.capture) writeProperty(out, "capture", c.capture->directory);
+  writeProperty(out, "verdict", toString(summary.verdict));
+  if (c.kind == ReportKind::kRun || c.kind == ReportKind::kVerify) {
+    writeProperty(out, "expectation_met", summary.expectation_met ? "true" : "false");
+    writeProperty(out, "expectation_detail", summary.expectation_detail);
+  }
+  if (summary.reference) {
+    writeProperty(out, "reference_method", summary.reference->method);
+    writeProperty(out, "fd_error_estimate", formatScientific(summary.reference->fd_error_estimate, 2));
+    writeProperty(out, "near_ties", std::to_string(summary.reference->near_ties));
+  }
+  writeProperty(out, "tool_version", c.tool.version);
   out << "    </properties>\n";
 
-  const std::string classname = "moe-lbcheck." + name;
-  for (const CheckResult& c : report.checks) {
-    out << "    <testcase name=\"" << attr(c.name) << "\" classname=\"" << attr(classname)
-        << "\" time=\"0\"";
-    const std::string summary = checkSummary(c);
-    if (c.ok && !c.informational) {
+  for (const CheckResult& row : rows_) {
+    out << "    <testcase name=\"" << attr(row.name) << "\" classname=\"" << attr(classname) << "\" time=\""
+        << formatSeconds(std::isfinite(row.seconds) ? row.seconds : 0.0) << "\"";
+    if (row.ok && !row.informational) {
       out << "/>\n";
       continue;
     }
+    const std::string summary_text = checkSummary(row);
     out << ">\n";
-    if (!c.informational && !c.ok && expected_failure) {
-      out << "      <skipped message=\"" << attr("expected failure (the scenario reproduces a bug): " + summary)
-          << "\"/>\n";
-    } else if (!c.informational && !c.ok) {
-      const std::string type = c.diagnosis.code.empty() ? std::string("CHECK_FAILED") : c.diagnosis.code;
-      out << "      <failure message=\"" << attr(summary) << "\" type=\"" << attr(type) << "\">"
-          << text(summary);
-      if (!c.method.empty()) out << text("\nreference method: " + c.method);
+    if (!row.informational && !row.ok && expected_failure) {
+      out << "      <skipped message=\""
+          << attr("expected failure (the scenario reproduces a bug): " + summary_text) << "\"/>\n";
+    } else if (!row.informational && !row.ok) {
+      const std::string type =
+          row.diagnosis.code == DiagnosisCode::kNone ? std::string("CHECK_FAILED") : toString(row.diagnosis.code);
+      out << "      <failure message=\"" << attr(summary_text) << "\" type=\"" << attr(type) << "\">"
+          << text(summary_text);
+      if (!row.diagnosis.fix.empty() && (row.layout || row.fault_case)) out << text("\nfix: " + row.diagnosis.fix);
+      if (!row.method.empty()) out << text("\nreference method: " + row.method);
       out << "</failure>\n";
-    } else if (c.informational) {
-      out << "      <system-out>" << text("INFO " + summary) << "</system-out>\n";
+    } else {
+      out << "      <system-out>" << text("INFO " + summary_text) << "</system-out>\n";
     }
     out << "    </testcase>\n";
   }
@@ -423,15 +699,26 @@ void JUnitReporter::write(const Report& report, std::ostream& out) const {
 
 // ---------------------------------------------------------------- common entry points
 
-std::string renderToString(const Reporter& reporter, const Report& report) {
+std::string renderReport(const Report& report, ReportFormat format, ConsoleOptions console) {
   std::ostringstream out;
-  reporter.write(report, out);
+  switch (format) {
+    case ReportFormat::kConsole: {
+      ConsoleReporter r(out, console);
+      writeReport(report, r);
+      break;
+    }
+    case ReportFormat::kJson: {
+      JsonReporter r(out);
+      writeReport(report, r);
+      break;
+    }
+    case ReportFormat::kJUnit: {
+      JUnitReporter r(out);
+      writeReport(report, r);
+      break;
+    }
+  }
   return out.str();
-}
-
-std::string effectiveVerdict(const Report& report) {
-  if (!report.verdict.empty()) return report.verdict;
-  return countChecks(report).failed == 0 ? "pass" : "fail";
 }
 
 void writeFileAtomically(const std::string& path, const std::string& content) {
@@ -490,8 +777,7 @@ void writeFileAtomically(const std::string& path, const std::string& content) {
   }
 }
 
-std::vector<std::string> writeFilesAtomically(
-    const std::vector<std::pair<std::string, std::string>>& files) {
+std::vector<std::string> writeFilesAtomically(const std::vector<std::pair<std::string, std::string>>& files) {
   std::vector<std::string> written;
   try {
     for (const auto& [path, content] : files) {

@@ -1,5 +1,12 @@
-// The catalog of framework presets and named faults: names, one-line summaries, sources and the
-// signature each fault is expected to produce. Torch-free, so validation and `list` need no model.
+// The catalog: one record per framework preset and one per named fault, the way nccl-tests
+// registers one testColl record per collective. The simulation (src/sim/convention.cpp), the
+// reference's objective, validation, `list`, `selftest` and the diagnosis all read these records;
+// none of them compares names. Torch-free, so validation and `list` need no model.
+//
+// Adding a preset: one PresetRecord in catalog.cpp; a rule kind it needs that no other preset has
+// is one more enumerator below plus its case in convention.cpp. Adding a fault: one FaultRecord in
+// catalog.cpp (applicability predicate, expected signature, selftest mesh) plus the hook that
+// changes the step, where the step computes the quantity the fault breaks.
 #pragma once
 
 #include <string>
@@ -9,26 +16,102 @@
 
 namespace moe {
 
-struct PresetInfo {
-  std::string name;
-  std::string summary;  // one line: how it injects and scales the aux gradient
-  std::string source;   // files / PRs it follows (ANCHORS.md section)
-  MainLossScope main_loss_scope;
-  GroupWeighting aux_group_weighting;  // kUniform or kTokens: how the preset averages aux groups
+// How the aux gradient enters backward.
+enum class Injection {
+  kAutoScaler,        // Megatron/Automodel MoEAuxLossAutoScaler on the gate weights, backward scale
+  kIdentityFunction,  // torchtitan _AuxLossInjection: identity forward, scale applied to the value
+  kLossAdd,           // DeepSpeed / HF: aux added to the loss that backward starts from
+};
+// The DP (dp x cp) gradient reduction of DDP/FSDP.
+enum class GradReduction { kMean, kSum };
+
+// What one microbatch's summed per-token main loss is multiplied by before backward.
+enum class MainLossNormalization {
+  kCpOverTokensAndM,    // Megatron forward_step / DeepSpeed: / valid tokens * cp / M
+  kNone,                // summed; a later division (PostReduction) normalizes
+  kDpCpOverGlobalTokens,  // Automodel, HF Trainer: / global tokens * |dp_cp|
+  kOverGlobalTokens,    // torchtitan: / global valid tokens (gradients summed)
+  kAutomodelRecipe,     // Automodel: kDpCpOverGlobalTokens, or kNone with PP (then
+                        // scale_grads_and_clip_grad_norm divides after the reduction)
 };
 
-struct FaultInfo {
-  std::string name;
-  std::string summary;             // the mechanism, one line
-  std::string source;              // issue / PR it reproduces
-  std::string expected_diagnosis;  // diagnosis code the tool must report
-  std::string expected_factor;     // attributed factor ("1/dp", "M", "0", ...) or "" (direction)
+// The MoEAuxLossAutoScaler backward scale a preset sets (autoscaler presets only).
+enum class AutoScalerScale {
+  kNotUsed,          // the preset does not inject with the autoscaler
+  kCpOverM,          // Megatron schedules.forward_step_calc_loss: loss_scale * cp / M (PR #2237)
+  kOne,              // Megatron per-token mode: loss_scale only
+  kAutomodelRecipe,  // Automodel BaseRecipe._set_moe_aux_loss_backward_scale (PR #3359): cp / M, and
+                     // x num_label_tokens / |dp_cp| with PP
 };
 
-const std::vector<PresetInfo>& presetCatalog();
-const std::vector<FaultInfo>& faultCatalog();
-// nullptr when unknown.
-const PresetInfo* findPreset(const std::string& name);
-const FaultInfo* findFault(const std::string& name);
+// How a rank's partial aux loss is premultiplied before it is injected or added.
+enum class AuxPremultiplier {
+  kNone,
+  kGroupTokens,       // Megatron per-token mode: x valid tokens of the group (attach_and_log_...)
+  kTokenShareOfStep,  // torchtitan AuxLoss.inject: raw_sum * coeff / global_valid_tokens
+  kCpOverM,           // added to the loss the way the main loss is normalized (DeepSpeed, HF)
+};
+
+// What divides every gradient after the DP reduction.
+enum class PostReduction {
+  kNone,
+  kGlobalTokens,       // Megatron finalize_model_grads in per-token mode: / global loss tokens
+  kAutomodelPipeline,  // Automodel scale_grads_and_clip_grad_norm under PP: / (tokens / |dp_cp|)
+};
+
+struct PresetRecord {
+  Preset id;
+  const char* name;
+  const char* summary;  // one line: how it injects and scales the aux gradient
+  const char* source;   // the public files, functions and PRs it follows
+  Injection injection;
+  GradReduction grad_reduction;
+  MainLossScope main_loss_scope;       // the main objective the preset's normalization computes
+  GroupWeighting group_weighting;      // kUniform or kTokens: how the preset averages aux groups
+  MainLossNormalization main_loss;
+  AutoScalerScale autoscaler_scale;
+  AuxPremultiplier aux_premultiplier;
+  PostReduction post_reduction;
+  bool divides_by_microbatches;  // every microbatch's loss / M (else normalized by token counts)
+  const char* scale_knob;        // the knob a fix of a scaling bug changes, in the framework's words
+};
+
+// What a fault's applicability predicate looks at.
+struct FaultContext {
+  const PresetRecord& preset;
+  const Scenario& scenario;
+};
+
+// The mesh and objective on which `selftest` shows a fault's signature: every mesh quantity that
+// matters distinct from the others (dp 3, cp 2, M 5 by default).
+struct SelftestMesh {
+  Preset preset;
+  AuxScope scope;
+  int dp = 3, cp = 1, microbatches = 5;
+  bool padding = true;  // unequal valid lengths
+};
+
+struct FaultRecord {
+  Fault id;
+  const char* name;
+  const char* summary;         // the mechanism: what it changes in the step
+  const char* source;          // the issue or PR it reproduces
+  DiagnosisCode expected_diagnosis;
+  const char* expected_factor;  // attributed factor ("1/dp", "M", "0", ...) or "" (direction)
+  // Whether the fault can act on this preset, scope and mesh: a fault that cannot would silently do
+  // nothing, so `validate` and `run` both refuse it (exit 2) with `applies_to` in the message.
+  bool (*applies)(const FaultContext&);
+  const char* applies_to;  // "to presets that inject with MoEAuxLossAutoScaler (...)"
+  SelftestMesh selftest;
+};
+
+const std::vector<PresetRecord>& presetCatalog();
+const std::vector<FaultRecord>& faultCatalog();
+const PresetRecord& presetRecord(Preset preset);
+const FaultRecord& faultRecord(Fault fault);
+
+// Throws InputError(scenario.source_file, "/faults/<i>", ...) for the first fault that cannot act on
+// the scenario's preset, scope and mesh.
+void requireFaultsApply(const Scenario& scenario);
 
 }  // namespace moe

@@ -1,6 +1,9 @@
 // The scenario layer: JSON text -> typed Scenario (defaults filled in, every rule checked) and back.
-// Every problem with the input is an InputError naming the file, the JSON Pointer of the offending
-// value and what was expected; nothing here aborts or exits.
+// Every field is described once, in the tables of scenarioFields() below: reading (with its type
+// check), unknown-key rejection, the range check (also run on structs changed by command-line
+// overrides), default filling and writing all walk the same descriptors. Cross-field rules are
+// hand-written in ScenarioValidator. Every problem with the input is an InputError naming the
+// file, the JSON Pointer of the offending value and what was expected; nothing here aborts.
 #include "scenario/scenario.hpp"
 
 #include <fmt/format.h>
@@ -12,13 +15,14 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <set>
 #include <sstream>
 #include <utility>
 
 #include "common/errors.hpp"
+#include "common/json_input.hpp"
 #include "scenario/catalog.hpp"
 
 namespace moe {
@@ -26,23 +30,64 @@ namespace {
 
 using Json = nlohmann::json;
 using OrderedJson = nlohmann::ordered_json;
+using json_input::childPath;
+using json_input::describe;
+using json_input::didYouMean;
+using json_input::joinNames;
+using json_input::numberText;
 
 // ---------------------------------------------------------------------------------------------
-// Names shared by parsing, validation and output.
+// One {value, name} table per enumeration: toString, the readers and the writer use it.
 
-constexpr const char* kScoreNames[] = {"softmax", "sigmoid"};
-constexpr const char* kAuxScopeNames[] = {"micro_batch", "sequence", "global_batch"};
-constexpr const char* kZLossScopeNames[] = {"micro_batch", "global_batch"};
-constexpr const char* kGroupWeightingNames[] = {"preset", "uniform", "tokens"};
-constexpr const char* kDTypeNames[] = {"float64", "float32", "bfloat16"};
-constexpr const char* kScheduleNames[] = {"gpipe", "1f1b", "interleaved_1f1b"};
-constexpr const char* kCpLayoutNames[] = {"contiguous", "zigzag"};
-const std::vector<std::string> kVerdictNames = {"pass", "fail"};
-const std::vector<std::string> kDiagnosisCodes = {
-    "AUX_GRAD_MISSING",    "AUX_GRAD_SCALED",    "AUX_GRAD_DIRECTION",      "AUX_COEFF_NONLINEAR",
-    "MAIN_GRAD_MISMATCH",  "OBJECTIVE_NOT_INVARIANT", "FD_UNRELIABLE"};
+template <class E>
+struct EnumName {
+  E value;
+  const char* name;
+};
 
-// Size limits of DESIGN §6 validation (what one process can hold and finish in reasonable time).
+constexpr EnumName<ScoreFunction> kScoreNames[] = {{ScoreFunction::kSoftmax, "softmax"},
+                                                   {ScoreFunction::kSigmoid, "sigmoid"}};
+constexpr EnumName<AuxScope> kAuxScopeNames[] = {{AuxScope::kMicroBatch, "micro_batch"},
+                                                 {AuxScope::kSequence, "sequence"},
+                                                 {AuxScope::kGlobalBatch, "global_batch"}};
+constexpr EnumName<ZLossScope> kZLossScopeNames[] = {{ZLossScope::kMicroBatch, "micro_batch"},
+                                                     {ZLossScope::kGlobalBatch, "global_batch"}};
+constexpr EnumName<GroupWeighting> kGroupWeightingNames[] = {{GroupWeighting::kPreset, "preset"},
+                                                             {GroupWeighting::kUniform, "uniform"},
+                                                             {GroupWeighting::kTokens, "tokens"}};
+constexpr EnumName<DType> kDTypeNames[] = {
+    {DType::kFloat64, "float64"}, {DType::kFloat32, "float32"}, {DType::kBFloat16, "bfloat16"}};
+constexpr EnumName<Schedule> kScheduleNames[] = {{Schedule::kGPipe, "gpipe"},
+                                                 {Schedule::kOneFOneB, "1f1b"},
+                                                 {Schedule::kInterleaved1F1B, "interleaved_1f1b"}};
+constexpr EnumName<CpLayout> kCpLayoutNames[] = {{CpLayout::kContiguous, "contiguous"},
+                                                 {CpLayout::kZigzag, "zigzag"}};
+constexpr EnumName<Verdict> kVerdictNames[] = {{Verdict::kPass, "pass"}, {Verdict::kFail, "fail"}};
+constexpr EnumName<MainLossScope> kMainLossScopeNames[] = {
+    {MainLossScope::kMicrobatchMean, "microbatch_mean"}, {MainLossScope::kTokenMean, "token_mean"}};
+
+template <class E, std::size_t N>
+const char* nameOf(E value, const EnumName<E> (&table)[N]) {
+  for (const auto& entry : table)
+    if (entry.value == value) return entry.name;
+  return "invalid";  // a value outside the enumeration (never UB)
+}
+
+template <class E, std::size_t N>
+std::optional<E> valueNamed(const std::string& name, const EnumName<E> (&table)[N]) {
+  for (const auto& entry : table)
+    if (name == entry.name) return entry.value;
+  return std::nullopt;
+}
+
+template <class E, std::size_t N>
+std::vector<std::string> namesOf(const EnumName<E> (&table)[N]) {
+  std::vector<std::string> names;
+  for (const auto& entry : table) names.push_back(entry.name);
+  return names;
+}
+
+// Size limits (what one process can hold and finish in reasonable time).
 constexpr int kMaxHidden = 16384;
 constexpr int kMaxExperts = 4096;
 constexpr int kMaxLayers = 512;
@@ -53,270 +98,16 @@ constexpr long long kMaxWorld = 1 << 16;
 constexpr int kMaxMicrobatches = 1 << 16;
 constexpr long long kMaxTokens = 1ll << 26;
 
-// The keys each object may hold, in the order scenarioToJsonText writes them.
-const std::vector<std::string> kTopLevelKeys = {
-    "schema_version", "name",      "description", "seed",   "model",    "data",
-    "aux",            "mesh",      "framework",   "faults", "expect",   "tolerance"};
-const std::vector<std::string> kModelKeys = {"hidden", "experts", "top_k",          "layers",
-                                             "ffn",    "score",   "norm_topk_prob", "dtype"};
-const std::vector<std::string> kDataKeys = {"batch", "seq_len", "valid_lengths", "safetensors"};
-const std::vector<std::string> kAuxKeys = {"type",         "coeff",           "z_loss_coeff",
-                                           "z_loss_scope", "exclude_padding", "group_weighting"};
-const std::vector<std::string> kMeshKeys = {"dp",       "pp",           "cp",
-                                            "microbatches", "schedule", "virtual_stages",
-                                            "cp_layout"};
-const std::vector<std::string> kFrameworkKeys = {"preset"};
-const std::vector<std::string> kExpectKeys = {"verdict", "diagnosis", "factor"};
-const std::vector<std::string> kToleranceKeys = {"rtol"};
-
-// "a, b, c" from a list of names.
-template <typename Names>
-std::string joinNames(const Names& names, const char* quote = "") {
-  std::string out;
-  for (const auto& n : names) {
-    if (!out.empty()) out += ", ";
-    out += quote;
-    out += n;
-    out += quote;
-  }
-  return out;
-}
-
-// One path segment escaped per RFC 6901 (~ -> ~0, / -> ~1).
-std::string pointerSegment(const std::string& key) {
-  std::string out;
-  for (char c : key) {
-    if (c == '~')
-      out += "~0";
-    else if (c == '/')
-      out += "~1";
-    else
-      out += c;
-  }
-  return out;
-}
-
-std::string childPath(const std::string& parent, const std::string& key) {
-  return parent + "/" + pointerSegment(key);
-}
-std::string childPath(const std::string& parent, std::size_t index) {
-  return parent + "/" + std::to_string(index);
-}
-
-// Edit distance, for "did you mean" hints on misspelt keys and names.
-std::size_t editDistance(const std::string& a, const std::string& b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diagonal = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t above = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = above;
-    }
-  }
-  return row[b.size()];
-}
-
-// " (did you mean "x"?)" when one candidate is close to `given`, else "".
-std::string didYouMean(const std::string& given, const std::vector<std::string>& candidates) {
-  std::string best;
-  std::size_t best_distance = std::numeric_limits<std::size_t>::max();
-  for (const auto& c : candidates) {
-    const std::size_t d = editDistance(given, c);
-    if (d < best_distance) {
-      best_distance = d;
-      best = c;
-    }
-  }
-  // Close enough: about a quarter of the longer name, and well under the shorter one (so that
-  // "tp" does not suggest "dp").
-  const std::size_t longer = std::max(given.size(), best.size());
-  const std::size_t shorter = std::min(given.size(), best.size());
-  if (best.empty() || best_distance > std::max<std::size_t>(1, (longer + 2) / 4) ||
-      2 * best_distance >= shorter)
-    return "";
-  return fmt::format(" (did you mean \"{}\"?)", best);
-}
-
-// A short rendering of a JSON value for "got ..." in messages.
-std::string describe(const Json& value) {
-  if (value.is_object()) return "an object";
-  if (value.is_array()) return "an array";
-  std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
-  if (text.size() > 60) text = text.substr(0, 57) + "...";
-  return text;
-}
-
-// Shortest text that reads back as the same double (for messages).
-std::string numberText(double v) { return Json(v).dump(); }
-
 // ---------------------------------------------------------------------------------------------
-// JSON text -> Json, with syntax errors and duplicate keys reported by position / path.
+// Value readers: one JSON value -> one C++ value, or an InputError naming the path.
 
-// Line and column (1-based) of a byte offset in `text`.
-std::pair<std::size_t, std::size_t> lineAndColumn(const std::string& text, std::size_t byte) {
-  std::size_t line = 1, column = 1;
-  for (std::size_t i = 0; i < byte && i < text.size(); ++i) {
-    if (text[i] == '\n') {
-      ++line;
-      column = 1;
-    } else {
-      ++column;
-    }
-  }
-  return {line, column};
-}
-
-// Tracks where the parser is (a JSON Pointer) so that a repeated key can be reported by path.
-class DuplicateKeyGuard {
+class ValueReader {
  public:
-  explicit DuplicateKeyGuard(std::string file) : file_(std::move(file)) {}
+  explicit ValueReader(std::string file) : file_(std::move(file)) {}
+  const std::string& file() const { return file_; }
 
-  // The parser callback: throws InputError on a key seen twice in the same object; keeps all values.
-  bool operator()(int /*depth*/, Json::parse_event_t event, Json& parsed) {
-    switch (event) {
-      case Json::parse_event_t::object_start:
-        enterValue();
-        frames_.push_back(Frame{false, {}, {}, 0});
-        break;
-      case Json::parse_event_t::array_start:
-        enterValue();
-        frames_.push_back(Frame{true, {}, {}, 0});
-        break;
-      case Json::parse_event_t::key: {
-        Frame& frame = frames_.back();
-        const std::string key = parsed.get<std::string>();
-        frame.current_key = key;
-        if (!frame.keys.insert(key).second)
-          throw InputError(file_, currentPath(),
-                           fmt::format("key \"{}\" appears twice in the same object", key));
-        break;
-      }
-      case Json::parse_event_t::value:
-        enterValue();
-        break;
-      case Json::parse_event_t::object_end:
-      case Json::parse_event_t::array_end:
-        frames_.pop_back();
-        break;
-    }
-    return true;
-  }
-
- private:
-  struct Frame {
-    bool is_array;
-    std::set<std::string> keys;
-    std::string current_key;
-    std::size_t next_index;  // arrays: index of the next element
-  };
-
-  // A value starts inside the innermost container: arrays advance their element index.
-  void enterValue() {
-    if (!frames_.empty() && frames_.back().is_array) ++frames_.back().next_index;
-  }
-
-  std::string currentPath() const {
-    std::string path;
-    for (const Frame& f : frames_)
-      path = f.is_array ? childPath(path, f.next_index - 1) : childPath(path, f.current_key);
-    return path;
-  }
-
-  std::string file_;
-  std::vector<Frame> frames_;
-};
-
-// Parses `text` as one JSON document. Throws InputError with line, column and byte of a syntax
-// error, or with the path of a duplicated key.
-Json parseJsonDocument(const std::string& text, const std::string& file) {
-  try {
-    return Json::parse(text, DuplicateKeyGuard(file), /*allow_exceptions=*/true,
-                       /*ignore_comments=*/false);
-  } catch (const Json::parse_error& e) {
-    const auto [line, column] = lineAndColumn(text, e.byte > 0 ? e.byte - 1 : 0);
-    std::string detail = e.what();
-    const std::size_t at = detail.find("parse error");
-    const std::size_t colon = at == std::string::npos ? std::string::npos : detail.find(": ", at);
-    if (colon != std::string::npos) detail = detail.substr(colon + 2);
-    throw InputError(file, "",
-                     fmt::format("invalid JSON at line {}, column {} (byte {}): {}", line, column,
-                                 e.byte, detail));
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Json -> Scenario: type checks per value.
-
-class ScenarioReader {
- public:
-  explicit ScenarioReader(std::string file) : file_(std::move(file)) {}
-
-  // Fills `scenario` from the document; every absent optional key keeps its struct default.
-  void read(const Json& root, Scenario& scenario) const {
-    if (!root.is_object())
-      throw InputError(file_, "",
-                       fmt::format("expected a JSON object at the top level, got {}",
-                                   describe(root)));
-    rejectUnknownKeys(root, "", kTopLevelKeys);
-
-    if (!root.contains("schema_version"))
-      throw InputError(file_, "/schema_version",
-                       "required key \"schema_version\" is missing; expected 1");
-    scenario.schema_version = readInt(root["schema_version"], "/schema_version", 0);
-    if (scenario.schema_version != 1)
-      throw InputError(file_, "/schema_version",
-                       fmt::format("unsupported schema_version {}; this tool reads schema_version 1",
-                                   scenario.schema_version));
-
-    if (!root.contains("name"))
-      throw InputError(file_, "/name", "required key \"name\" is missing; expected a non-empty string");
-    scenario.name = readString(root["name"], "/name");
-    if (scenario.name.empty()) throw InputError(file_, "/name", "expected a non-empty string, got \"\"");
-
-    if (root.contains("description"))
-      scenario.description = readString(root["description"], "/description");
-    if (root.contains("seed")) scenario.seed = readSeed(root["seed"], "/seed");
-
-    if (const Json* model = section(root, "model")) readModel(*model, scenario.model);
-    if (const Json* data = section(root, "data")) readData(*data, scenario.data);
-    if (const Json* aux = section(root, "aux")) readAux(*aux, scenario.aux);
-    if (const Json* mesh = section(root, "mesh")) readMesh(*mesh, scenario.mesh);
-    if (const Json* framework = section(root, "framework")) {
-      rejectUnknownKeys(*framework, "/framework", kFrameworkKeys);
-      if (framework->contains("preset"))
-        scenario.framework.preset = readString((*framework)["preset"], "/framework/preset");
-    }
-    if (root.contains("faults")) scenario.faults = readFaults(root["faults"], "/faults");
-    if (const Json* expect = section(root, "expect")) readExpect(*expect, scenario.expect);
-    if (const Json* tolerance = section(root, "tolerance")) {
-      rejectUnknownKeys(*tolerance, "/tolerance", kToleranceKeys);
-      if (tolerance->contains("rtol"))
-        scenario.tolerance.rtol = readNumber((*tolerance)["rtol"], "/tolerance/rtol");
-    }
-  }
-
- private:
-  // The object under `key`, or nullptr when absent; throws when present but not an object.
-  const Json* section(const Json& parent, const std::string& key) const {
-    if (!parent.contains(key)) return nullptr;
-    const Json& value = parent[key];
-    if (!value.is_object())
-      throw InputError(file_, "/" + key, fmt::format("expected an object, got {}", describe(value)));
-    return &value;
-  }
-
-  void rejectUnknownKeys(const Json& object, const std::string& path,
-                         const std::vector<std::string>& allowed) const {
-    for (const auto& item : object.items()) {
-      if (std::find(allowed.begin(), allowed.end(), item.key()) != allowed.end()) continue;
-      throw InputError(file_, childPath(path, item.key()),
-                       fmt::format("unknown key \"{}\"{}; allowed keys{}: {}", item.key(),
-                                   didYouMean(item.key(), allowed),
-                                   path.empty() ? "" : " in " + path, joinNames(allowed)));
-    }
+  [[noreturn]] void fail(const std::string& path, const std::string& what) const {
+    throw InputError(file_, path, what);
   }
 
   // An integer in [min_value, INT_MAX]. Integral floats (2.0) are accepted, as JSON Schema does.
@@ -329,222 +120,443 @@ class ScenarioReader {
     } else if (value.is_number_float()) {
       const double d = value.get<double>();
       if (!std::isfinite(d) || std::floor(d) != d)
-        throw InputError(file_, path, fmt::format("{}, got {}", expected, describe(value)));
+        fail(path, fmt::format("{}, got {}", expected, describe(value)));
       number = d;
     } else {
-      throw InputError(file_, path, fmt::format("{}, got {}", expected, describe(value)));
+      fail(path, fmt::format("{}, got {}", expected, describe(value)));
     }
-    if (number < min_value)
-      throw InputError(file_, path, fmt::format("{}, got {}", expected, describe(value)));
+    if (number < min_value) fail(path, fmt::format("{}, got {}", expected, describe(value)));
     if (number > INT_MAX)
-      throw InputError(file_, path,
-                       fmt::format("{}, got {} (beyond the largest supported integer, {})",
-                                   expected, describe(value), INT_MAX));
+      fail(path, fmt::format("{}, got {} (beyond the largest supported integer, {})", expected,
+                             describe(value), INT_MAX));
     return static_cast<int>(number);
   }
 
-  // The seed: any integer in [0, 2^64 - 1].
-  std::uint64_t readSeed(const Json& value, const std::string& path) const {
+  // Any integer in [0, 2^64 - 1].
+  std::uint64_t readUnsigned64(const Json& value, const std::string& path) const {
     const char* expected = "expected a non-negative integer";
     if (value.is_number_unsigned()) return value.get<std::uint64_t>();
-    if (value.is_number_integer())
-      throw InputError(file_, path, fmt::format("{}, got {}", expected, describe(value)));
     if (value.is_number_float()) {
       const double d = value.get<double>();
-      if (std::floor(d) != d || d < 0)
-        throw InputError(file_, path, fmt::format("{}, got {}", expected, describe(value)));
+      if (std::floor(d) != d || d < 0) fail(path, fmt::format("{}, got {}", expected, describe(value)));
       if (d >= 18446744073709551616.0)
-        throw InputError(file_, path,
-                         fmt::format("{}, got {} (beyond 2^64 - 1)", expected, describe(value)));
+        fail(path, fmt::format("{}, got {} (beyond 2^64 - 1)", expected, describe(value)));
       return static_cast<std::uint64_t>(d);
     }
-    throw InputError(file_, path, fmt::format("{}, got {}", expected, describe(value)));
+    fail(path, fmt::format("{}, got {}", expected, describe(value)));
   }
 
   // A finite number >= 0.
-  double readNumber(const Json& value, const std::string& path) const {
+  double readNonNegative(const Json& value, const std::string& path) const {
     if (!value.is_number() || !std::isfinite(value.get<double>()) || value.get<double>() < 0)
-      throw InputError(file_, path,
-                       fmt::format("expected a finite number >= 0, got {}", describe(value)));
+      fail(path, fmt::format("expected a finite number >= 0, got {}", describe(value)));
     return value.get<double>();
   }
 
   bool readBool(const Json& value, const std::string& path) const {
-    if (!value.is_boolean())
-      throw InputError(file_, path, fmt::format("expected true or false, got {}", describe(value)));
+    if (!value.is_boolean()) fail(path, fmt::format("expected true or false, got {}", describe(value)));
     return value.get<bool>();
   }
 
   std::string readString(const Json& value, const std::string& path) const {
-    if (!value.is_string())
-      throw InputError(file_, path, fmt::format("expected a string, got {}", describe(value)));
+    if (!value.is_string()) fail(path, fmt::format("expected a string, got {}", describe(value)));
     return value.get<std::string>();
   }
 
-  // The index of `value` in `names`; throws naming every allowed value.
-  template <std::size_t N>
-  std::size_t readEnum(const Json& value, const std::string& path, const char* const (&names)[N]) const {
-    const std::vector<std::string> allowed(std::begin(names), std::end(names));
-    return readChoice(value, path, allowed);
-  }
-
+  // The index of `value` in `allowed`; throws naming every allowed value.
   std::size_t readChoice(const Json& value, const std::string& path,
                          const std::vector<std::string>& allowed) const {
     if (value.is_string()) {
       const std::string text = value.get<std::string>();
       for (std::size_t i = 0; i < allowed.size(); ++i)
         if (allowed[i] == text) return i;
-      throw InputError(file_, path,
-                       fmt::format("expected one of {}, got {}{}", joinNames(allowed, "\""),
-                                   describe(value), didYouMean(text, allowed)));
+      fail(path, fmt::format("expected one of {}, got {}{}", joinNames(allowed, "\""), describe(value),
+                             didYouMean(text, allowed)));
     }
-    throw InputError(file_, path,
-                     fmt::format("expected one of {}, got {}", joinNames(allowed, "\""),
-                                 describe(value)));
+    fail(path, fmt::format("expected one of {}, got {}", joinNames(allowed, "\""), describe(value)));
   }
 
-  void readModel(const Json& model, ModelConfig& out) const {
-    rejectUnknownKeys(model, "/model", kModelKeys);
-    if (model.contains("hidden")) out.hidden = readInt(model["hidden"], "/model/hidden", 1);
-    if (model.contains("experts")) out.experts = readInt(model["experts"], "/model/experts", 1);
-    if (model.contains("top_k")) out.top_k = readInt(model["top_k"], "/model/top_k", 1);
-    if (model.contains("layers")) out.layers = readInt(model["layers"], "/model/layers", 1);
-    if (model.contains("ffn")) out.ffn = readInt(model["ffn"], "/model/ffn", 1);
-    if (model.contains("score"))
-      out.score = static_cast<ScoreFunction>(readEnum(model["score"], "/model/score", kScoreNames));
-    if (model.contains("norm_topk_prob"))
-      out.norm_topk_prob = readBool(model["norm_topk_prob"], "/model/norm_topk_prob");
-    if (model.contains("dtype"))
-      out.dtype = static_cast<DType>(readEnum(model["dtype"], "/model/dtype", kDTypeNames));
+  // The object under `key` of `parent`, or nullptr when absent; throws when present but not an object.
+  const Json* section(const Json& parent, const std::string& key, const std::string& path) const {
+    if (!parent.contains(key)) return nullptr;
+    const Json& value = parent[key];
+    if (!value.is_object()) fail(path, fmt::format("expected an object, got {}", describe(value)));
+    return &value;
   }
 
-  void readData(const Json& data, DataConfig& out) const {
-    rejectUnknownKeys(data, "/data", kDataKeys);
-    if (data.contains("batch")) out.batch = readInt(data["batch"], "/data/batch", 1);
-    if (data.contains("seq_len")) out.seq_len = readInt(data["seq_len"], "/data/seq_len", 1);
-    if (data.contains("valid_lengths")) {
-      const Json& lengths = data["valid_lengths"];
-      if (!lengths.is_array())
-        throw InputError(file_, "/data/valid_lengths",
-                         fmt::format("expected an array of {} integers in [0, seq_len], got {}",
-                                     out.batch, describe(lengths)));
-      out.valid_lengths.clear();
-      for (std::size_t i = 0; i < lengths.size(); ++i)
-        out.valid_lengths.push_back(readInt(lengths[i], childPath("/data/valid_lengths", i), 0));
-    }
-    if (data.contains("safetensors"))
-      out.safetensors = readString(data["safetensors"], "/data/safetensors");
-  }
-
-  void readAux(const Json& aux, AuxConfig& out) const {
-    rejectUnknownKeys(aux, "/aux", kAuxKeys);
-    if (aux.contains("type"))
-      out.type = static_cast<AuxScope>(readEnum(aux["type"], "/aux/type", kAuxScopeNames));
-    if (aux.contains("coeff")) out.coeff = readNumber(aux["coeff"], "/aux/coeff");
-    if (aux.contains("z_loss_coeff"))
-      out.z_loss_coeff = readNumber(aux["z_loss_coeff"], "/aux/z_loss_coeff");
-    if (aux.contains("z_loss_scope"))
-      out.z_loss_scope = static_cast<ZLossScope>(
-          readEnum(aux["z_loss_scope"], "/aux/z_loss_scope", kZLossScopeNames));
-    if (aux.contains("exclude_padding"))
-      out.exclude_padding = readBool(aux["exclude_padding"], "/aux/exclude_padding");
-    if (aux.contains("group_weighting"))
-      out.group_weighting = static_cast<GroupWeighting>(
-          readEnum(aux["group_weighting"], "/aux/group_weighting", kGroupWeightingNames));
-  }
-
-  void readMesh(const Json& mesh, MeshConfig& out) const {
-    rejectUnknownKeys(mesh, "/mesh", kMeshKeys);
-    if (mesh.contains("dp")) out.dp = readInt(mesh["dp"], "/mesh/dp", 1);
-    if (mesh.contains("pp")) out.pp = readInt(mesh["pp"], "/mesh/pp", 1);
-    if (mesh.contains("cp")) out.cp = readInt(mesh["cp"], "/mesh/cp", 1);
-    if (mesh.contains("microbatches"))
-      out.microbatches = readInt(mesh["microbatches"], "/mesh/microbatches", 1);
-    if (mesh.contains("schedule"))
-      out.schedule =
-          static_cast<Schedule>(readEnum(mesh["schedule"], "/mesh/schedule", kScheduleNames));
-    if (mesh.contains("virtual_stages"))
-      out.virtual_stages = readInt(mesh["virtual_stages"], "/mesh/virtual_stages", 1);
-    if (mesh.contains("cp_layout"))
-      out.cp_layout =
-          static_cast<CpLayout>(readEnum(mesh["cp_layout"], "/mesh/cp_layout", kCpLayoutNames));
-  }
-
-  std::vector<std::string> readFaults(const Json& faults, const std::string& path) const {
-    if (!faults.is_array())
-      throw InputError(file_, path,
-                       fmt::format("expected an array of fault names, got {}", describe(faults)));
-    std::vector<std::string> names;
-    for (std::size_t i = 0; i < faults.size(); ++i)
-      names.push_back(readString(faults[i], childPath(path, i)));
-    return names;  // names and uniqueness are checked by validateScenario
-  }
-
-  void readExpect(const Json& expect, Expectation& out) const {
-    rejectUnknownKeys(expect, "/expect", kExpectKeys);
-    if (expect.contains("verdict"))
-      out.verdict = kVerdictNames[readChoice(expect["verdict"], "/expect/verdict", kVerdictNames)];
-    if (expect.contains("diagnosis"))
-      out.diagnosis = readString(expect["diagnosis"], "/expect/diagnosis");
-    if (expect.contains("factor")) out.factor = readString(expect["factor"], "/expect/factor");
-  }
-
+ private:
   std::string file_;
 };
 
-// Fills what the file may leave out and the struct cannot default: one valid length per sequence.
-void fillDefaults(Scenario& scenario) {
-  if (scenario.data.valid_lengths.empty() && scenario.data.batch > 0)
-    scenario.data.valid_lengths.assign(static_cast<std::size_t>(scenario.data.batch),
-                                       scenario.data.seq_len);
+[[noreturn]] void failAt(const Scenario& sc, const std::string& path, const std::string& what) {
+  throw InputError(sc.source_file, path, what);
+}
+
+void requireInRange(const Scenario& sc, const std::string& path, const char* name, int value,
+                    int min_value, int max_value) {
+  if (value < min_value) failAt(sc, path, fmt::format("expected an integer >= {}, got {}", min_value, value));
+  if (value > max_value) failAt(sc, path, fmt::format("{} ({}) must be <= {}", name, value, max_value));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cross-field validation.
+// Field descriptors. A Field<S> is one key of a JSON object that maps onto a member of S.
+
+template <class S>
+struct Field {
+  const char* key;
+  // Reads the present value into `out` (type check and the reader's own minimum).
+  std::function<void(const ValueReader&, const Json&, const std::string& path, S& out)> read;
+  // The value as written (defaults filled in).
+  std::function<OrderedJson(const S&)> write;
+  // The range rule of the member, run by validateScenario on parsed and code-built scenarios
+  // alike; empty when the reader's type check is the whole rule.
+  std::function<void(const Scenario&, const S&, const std::string& path)> check;
+  const char* required = nullptr;  // the message when the key is missing; nullptr = optional
+};
+
+template <class S>
+using Fields = std::vector<Field<S>>;
+
+template <class S>
+Field<S> intField(const char* key, int S::*member, int min_value, int max_value) {
+  return {key,
+          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
+            out.*member = r.readInt(v, path, min_value);
+          },
+          [=](const S& s) { return OrderedJson(s.*member); },
+          [=](const Scenario& sc, const S& s, const std::string& path) {
+            requireInRange(sc, path, key, s.*member, min_value, max_value);
+          }};
+}
+
+// A coefficient: a finite number >= 0 (the reader's rule; overrides are checked again).
+template <class S>
+Field<S> coefficientField(const char* key, double S::*member) {
+  return {key,
+          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
+            out.*member = r.readNonNegative(v, path);
+          },
+          [=](const S& s) { return OrderedJson(s.*member); },
+          [=](const Scenario& sc, const S& s, const std::string& path) {
+            const double value = s.*member;
+            if (!std::isfinite(value) || value < 0)
+              failAt(sc, path, fmt::format("{} ({}) must be a finite number >= 0", key, numberText(value)));
+          }};
+}
+
+template <class S>
+Field<S> boolField(const char* key, bool S::*member) {
+  return {key,
+          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
+            out.*member = r.readBool(v, path);
+          },
+          [=](const S& s) { return OrderedJson(s.*member); },
+          {}};
+}
+
+template <class S>
+Field<S> stringField(const char* key, std::string S::*member) {
+  return {key,
+          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
+            out.*member = r.readString(v, path);
+          },
+          [=](const S& s) { return OrderedJson(s.*member); },
+          {}};
+}
+
+template <class S, class E, std::size_t N>
+Field<S> enumField(const char* key, E S::*member, const EnumName<E> (&table)[N]) {
+  return {key,
+          [member, &table](const ValueReader& r, const Json& v, const std::string& path, S& out) {
+            out.*member = table[r.readChoice(v, path, namesOf(table))].value;
+          },
+          [member, &table](const S& s) { return OrderedJson(nameOf(s.*member, table)); },
+          {}};
+}
+
+template <class S>
+std::vector<std::string> keysOf(const Fields<S>& fields) {
+  std::vector<std::string> keys;
+  for (const Field<S>& f : fields) keys.push_back(f.key);
+  return keys;
+}
+
+template <class S>
+void readObject(const ValueReader& r, const Json& object, const std::string& path, const Fields<S>& fields,
+                S& out) {
+  json_input::rejectUnknownKeys(object, r.file(), path, keysOf(fields));
+  for (const Field<S>& f : fields) {
+    const std::string field_path = childPath(path, f.key);
+    if (!object.contains(f.key)) {
+      if (f.required) r.fail(field_path, f.required);
+      continue;
+    }
+    f.read(r, object[f.key], field_path, out);
+  }
+}
+
+// A nested object: its own fields, unknown keys rejected.
+template <class S, class Sub>
+Field<S> sectionField(const char* key, Sub S::*member, Fields<Sub> (*fields)()) {
+  return {key,
+          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
+            if (!v.is_object()) r.fail(path, fmt::format("expected an object, got {}", describe(v)));
+            readObject(r, v, path, fields(), out.*member);
+          },
+          [=](const S& s) {
+            OrderedJson object = OrderedJson::object();
+            for (const Field<Sub>& f : fields()) object[f.key] = f.write(s.*member);
+            return object;
+          },
+          [=](const Scenario& sc, const S& s, const std::string& path) {
+            for (const Field<Sub>& f : fields())
+              if (f.check) f.check(sc, s.*member, childPath(path, f.key));
+          }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenario's fields, section by section, in the order they are written.
+
+Fields<ModelConfig> modelFields() {
+  return {intField("hidden", &ModelConfig::hidden, 1, kMaxHidden),
+          intField("experts", &ModelConfig::experts, 1, kMaxExperts),
+          intField("top_k", &ModelConfig::top_k, 1, kMaxExperts),
+          intField("layers", &ModelConfig::layers, 1, kMaxLayers),
+          intField("ffn", &ModelConfig::ffn, 1, kMaxFfn),
+          enumField("score", &ModelConfig::score, kScoreNames),
+          boolField("norm_topk_prob", &ModelConfig::norm_topk_prob),
+          enumField("dtype", &ModelConfig::dtype, kDTypeNames)};
+}
+
+// One valid length per sequence, each in [0, seq_len]; empty means "all full" (what the data
+// generator reads), so structs built in code need not fill it. Written filled in.
+Field<DataConfig> validLengthsField() {
+  return {"valid_lengths",
+          [](const ValueReader& r, const Json& v, const std::string& path, DataConfig& out) {
+            if (!v.is_array())
+              r.fail(path, fmt::format("expected an array of {} integers in [0, seq_len], got {}", out.batch,
+                                       describe(v)));
+            out.valid_lengths.clear();
+            for (std::size_t i = 0; i < v.size(); ++i)
+              out.valid_lengths.push_back(r.readInt(v[i], childPath(path, i), 0));
+          },
+          [](const DataConfig& d) {
+            std::vector<int> lengths = d.valid_lengths;
+            if (lengths.empty() && d.batch > 0) lengths.assign(static_cast<std::size_t>(d.batch), d.seq_len);
+            return OrderedJson(lengths);
+          },
+          {}};  // checked with the cross-field rules (checkValidLengths)
+}
+
+// One entry per sequence, each in [0, seq_len]; an empty vector means "all full".
+void checkValidLengths(const Scenario& sc) {
+  const DataConfig& d = sc.data;
+  const std::string path = "/data/valid_lengths";
+  const auto& lengths = d.valid_lengths;
+  if (lengths.empty()) return;
+  if (lengths.size() != static_cast<std::size_t>(d.batch))
+    failAt(sc, path,
+           fmt::format("expected {} entries (one per sequence, batch = {}), got {}", d.batch, d.batch, lengths.size()));
+  long long total = 0;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] < 0 || lengths[i] > d.seq_len)
+      failAt(sc, childPath(path, i),
+             fmt::format("valid length {} must be in [0, seq_len = {}]", lengths[i], d.seq_len));
+    total += lengths[i];
+  }
+  if (total == 0 && sc.aux.exclude_padding)
+    failAt(sc, path, "every token is padding: at least one sequence needs a valid length > 0");
+}
+
+Fields<DataConfig> dataFields() {
+  return {intField("batch", &DataConfig::batch, 1, kMaxBatch),
+          intField("seq_len", &DataConfig::seq_len, 1, kMaxSeqLen), validLengthsField(),
+          stringField("safetensors", &DataConfig::safetensors)};
+}
+
+Fields<AuxConfig> auxFields() {
+  return {enumField("type", &AuxConfig::type, kAuxScopeNames),
+          coefficientField("coeff", &AuxConfig::coeff),
+          coefficientField("z_loss_coeff", &AuxConfig::z_loss_coeff),
+          enumField("z_loss_scope", &AuxConfig::z_loss_scope, kZLossScopeNames),
+          boolField("exclude_padding", &AuxConfig::exclude_padding),
+          enumField("group_weighting", &AuxConfig::group_weighting, kGroupWeightingNames)};
+}
+
+// The parallel degrees live in MeshSizes (shared with every layer of the tool); the JSON keys are
+// the mesh's own.
+template <int MeshSizes::*member>
+Field<MeshConfig> meshSizeField(const char* key, int max_value) {
+  return {key,
+          [](const ValueReader& r, const Json& v, const std::string& path, MeshConfig& out) {
+            out.*member = r.readInt(v, path, 1);
+          },
+          [](const MeshConfig& m) { return OrderedJson(m.*member); },
+          [key, max_value](const Scenario& sc, const MeshConfig& m, const std::string& path) {
+            requireInRange(sc, path, key, m.*member, 1, max_value);
+          }};
+}
+
+Fields<MeshConfig> meshFields() {
+  return {meshSizeField<&MeshSizes::dp>("dp", static_cast<int>(kMaxWorld)),
+          meshSizeField<&MeshSizes::pp>("pp", static_cast<int>(kMaxWorld)),
+          meshSizeField<&MeshSizes::cp>("cp", static_cast<int>(kMaxWorld)),
+          meshSizeField<&MeshSizes::microbatches>("microbatches", kMaxMicrobatches),
+          enumField("schedule", &MeshConfig::schedule, kScheduleNames),
+          intField("virtual_stages", &MeshConfig::virtual_stages, 1, kMaxLayers),
+          enumField("cp_layout", &MeshConfig::cp_layout, kCpLayoutNames)};
+}
+
+Fields<FrameworkConfig> frameworkFields() {
+  return {{"preset",
+           [](const ValueReader& r, const Json& v, const std::string& path, FrameworkConfig& out) {
+             const std::string name = r.readString(v, path);
+             const std::optional<Preset> preset = presetNamed(name);
+             if (!preset)
+               r.fail(path, fmt::format("unknown preset \"{}\"{}; known presets: {}", name,
+                                        didYouMean(name, presetNames()), joinNames(presetNames())));
+             out.preset = *preset;
+           },
+           [](const FrameworkConfig& f) { return OrderedJson(toString(f.preset)); },
+           {}}};
+}
+
+Fields<Expectation> expectFields() {
+  return {enumField("verdict", &Expectation::verdict, kVerdictNames),
+          {"diagnosis",
+           [](const ValueReader& r, const Json& v, const std::string& path, Expectation& out) {
+             const std::string name = r.readString(v, path);
+             if (name.empty()) {
+               out.diagnosis = DiagnosisCode::kNone;
+               return;
+             }
+             const std::optional<DiagnosisCode> code = parseDiagnosisCode(name);
+             if (!code)
+               r.fail(path, fmt::format("unknown diagnosis code \"{}\"{}; expected \"\" (any) or one of {}",
+                                        name, didYouMean(name, diagnosisCodeNames()),
+                                        joinNames(diagnosisCodeNames())));
+             out.diagnosis = *code;
+           },
+           [](const Expectation& e) { return OrderedJson(toString(e.diagnosis)); },
+           {}},
+          stringField("factor", &Expectation::factor)};
+}
+
+Fields<ToleranceConfig> toleranceFields() {
+  return {{"rtol",
+           [](const ValueReader& r, const Json& v, const std::string& path, ToleranceConfig& out) {
+             out.rtol = r.readNonNegative(v, path);
+           },
+           [](const ToleranceConfig& t) { return OrderedJson(t.rtol); },
+           [](const Scenario& sc, const ToleranceConfig& t, const std::string& path) {
+             if (!std::isfinite(t.rtol) || t.rtol < 0 || t.rtol >= 1)
+               failAt(sc, path,
+                      fmt::format("rtol ({}) must be a finite number in [0, 1) (0 = derived from the dtype)",
+                                  numberText(t.rtol)));
+           }}};
+}
+
+// Faults: an array of catalog names, each listed once.
+Field<Scenario> faultsField() {
+  return {"faults",
+          [](const ValueReader& r, const Json& v, const std::string& path, Scenario& out) {
+            if (!v.is_array())
+              r.fail(path, fmt::format("expected an array of fault names, got {}", describe(v)));
+            out.faults.clear();
+            for (std::size_t i = 0; i < v.size(); ++i) {
+              const std::string item_path = childPath(path, i);
+              const std::string name = r.readString(v[i], item_path);
+              const std::optional<Fault> fault = faultNamed(name);
+              if (!fault)
+                r.fail(item_path, fmt::format("unknown fault \"{}\"{}; known faults: {}", name,
+                                              didYouMean(name, faultNames()), joinNames(faultNames())));
+              out.faults.push_back(*fault);
+            }
+          },
+          [](const Scenario& s) {
+            OrderedJson names = OrderedJson::array();
+            for (Fault f : s.faults) names.push_back(toString(f));
+            return names;
+          },
+          [](const Scenario& sc, const Scenario& s, const std::string& path) {
+            for (std::size_t i = 0; i < s.faults.size(); ++i)
+              for (std::size_t j = 0; j < i; ++j)
+                if (s.faults[j] == s.faults[i])
+                  failAt(sc, childPath(path, i),
+                         fmt::format("fault \"{}\" is listed twice (first at /faults/{})", toString(s.faults[i]),
+                                     j));
+          }};
+}
+
+const Fields<Scenario>& scenarioFields() {
+  static const Fields<Scenario> fields = {
+      {"schema_version",
+       [](const ValueReader& r, const Json& v, const std::string& path, Scenario& out) {
+         out.schema_version = r.readInt(v, path, 0);
+         if (out.schema_version != 1)
+           r.fail(path, fmt::format("unsupported schema_version {}; this tool reads schema_version 1",
+                                    out.schema_version));
+       },
+       [](const Scenario& s) { return OrderedJson(s.schema_version); },
+       [](const Scenario& sc, const Scenario& s, const std::string& path) {
+         if (s.schema_version != 1)
+           failAt(sc, path, fmt::format("unsupported schema_version {}; this tool reads schema_version 1",
+                                        s.schema_version));
+       },
+       "required key \"schema_version\" is missing; expected 1"},
+      {"name",
+       [](const ValueReader& r, const Json& v, const std::string& path, Scenario& out) {
+         out.name = r.readString(v, path);
+         if (out.name.empty()) r.fail(path, "expected a non-empty string, got \"\"");
+       },
+       [](const Scenario& s) { return OrderedJson(s.name); },
+       {},
+       "required key \"name\" is missing; expected a non-empty string"},
+      stringField("description", &Scenario::description),
+      {"seed",
+       [](const ValueReader& r, const Json& v, const std::string& path, Scenario& out) {
+         out.seed = r.readUnsigned64(v, path);
+       },
+       [](const Scenario& s) { return OrderedJson(s.seed); },
+       {}},
+      sectionField("model", &Scenario::model, modelFields),
+      sectionField("data", &Scenario::data, dataFields),
+      sectionField("aux", &Scenario::aux, auxFields),
+      sectionField("mesh", &Scenario::mesh, meshFields),
+      sectionField("framework", &Scenario::framework, frameworkFields),
+      faultsField(),
+      sectionField("expect", &Scenario::expect, expectFields),
+      sectionField("tolerance", &Scenario::tolerance, toleranceFields),
+  };
+  return fields;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-field rules (hand-written: each relates several fields).
 
 class ScenarioValidator {
  public:
-  explicit ScenarioValidator(const Scenario& scenario)
-      : scenario_(scenario), file_(scenario.source_file) {}
+  explicit ScenarioValidator(const Scenario& scenario) : sc_(scenario) {}
 
   // Throws InputError on the first rule the scenario breaks.
   void run() const {
-    const ModelConfig& model = scenario_.model;
-    const DataConfig& data = scenario_.data;
-    const MeshConfig& mesh = scenario_.mesh;
+    for (const Field<Scenario>& f : scenarioFields())
+      if (f.check) f.check(sc_, sc_, childPath("", f.key));
 
-    if (scenario_.schema_version != 1)
-      fail("/schema_version", fmt::format("unsupported schema_version {}; this tool reads "
-                                          "schema_version 1",
-                                          scenario_.schema_version));
-
-    // Each size on its own: positive and bounded.
-    requireInRange("/model/hidden", "hidden", model.hidden, 1, kMaxHidden);
-    requireInRange("/model/experts", "experts", model.experts, 1, kMaxExperts);
-    requireInRange("/model/top_k", "top_k", model.top_k, 1, kMaxExperts);
-    requireInRange("/model/layers", "layers", model.layers, 1, kMaxLayers);
-    requireInRange("/model/ffn", "ffn", model.ffn, 1, kMaxFfn);
-    requireInRange("/data/batch", "batch", data.batch, 1, kMaxBatch);
-    requireInRange("/data/seq_len", "seq_len", data.seq_len, 1, kMaxSeqLen);
-    requireInRange("/mesh/dp", "dp", mesh.dp, 1, static_cast<int>(kMaxWorld));
-    requireInRange("/mesh/pp", "pp", mesh.pp, 1, static_cast<int>(kMaxWorld));
-    requireInRange("/mesh/cp", "cp", mesh.cp, 1, static_cast<int>(kMaxWorld));
-    requireInRange("/mesh/microbatches", "microbatches", mesh.microbatches, 1, kMaxMicrobatches);
-    requireInRange("/mesh/virtual_stages", "virtual_stages", mesh.virtual_stages, 1, kMaxLayers);
-
-    const long long world = 1ll * mesh.dp * mesh.pp * mesh.cp;
+    const ModelConfig& model = sc_.model;
+    const DataConfig& data = sc_.data;
+    const MeshConfig& mesh = sc_.mesh;
+    const long long world = mesh.world();
     if (world > kMaxWorld)
-      fail("/mesh", fmt::format("world size dp*pp*cp ({}*{}*{} = {}) must be <= {}", mesh.dp,
-                                mesh.pp, mesh.cp, world, kMaxWorld));
+      fail("/mesh", fmt::format("world size dp*pp*cp ({}*{}*{} = {}) must be <= {}", mesh.dp, mesh.pp,
+                                mesh.cp, world, kMaxWorld));
     const long long tokens = 1ll * data.batch * data.seq_len;
     if (tokens > kMaxTokens)
       fail("/data", fmt::format("batch*seq_len ({}*{} = {} tokens) must be <= {}", data.batch,
                                 data.seq_len, tokens, kMaxTokens));
 
-    // Cross-field rules.
     if (model.top_k > model.experts)
-      fail("/model/top_k",
-           fmt::format("top_k ({}) must be <= experts ({})", model.top_k, model.experts));
+      fail("/model/top_k", fmt::format("top_k ({}) must be <= experts ({})", model.top_k, model.experts));
 
     const long long batch_split = 1ll * mesh.dp * mesh.microbatches;
     if (data.batch % batch_split != 0)
@@ -556,18 +568,16 @@ class ScenarioValidator {
     if (mesh.cp_layout == CpLayout::kZigzag) {
       if (data.seq_len % (2 * mesh.cp) != 0)
         fail("/data/seq_len",
-             fmt::format("seq_len ({}) must be divisible by 2*cp ({}) with cp_layout \"zigzag\"",
-                         data.seq_len, 2 * mesh.cp));
+             fmt::format("seq_len ({}) must be divisible by 2*cp ({}) with cp_layout \"zigzag\"", data.seq_len,
+                         2 * mesh.cp));
     } else if (data.seq_len % mesh.cp != 0) {
-      fail("/data/seq_len",
-           fmt::format("seq_len ({}) must be divisible by cp ({})", data.seq_len, mesh.cp));
+      fail("/data/seq_len", fmt::format("seq_len ({}) must be divisible by cp ({})", data.seq_len, mesh.cp));
     }
 
     const long long model_chunks = 1ll * mesh.pp * mesh.virtual_stages;
     if (model.layers % model_chunks != 0)
-      fail("/model/layers",
-           fmt::format("layers ({}) must be divisible by pp*virtual_stages ({}*{} = {})",
-                       model.layers, mesh.pp, mesh.virtual_stages, model_chunks));
+      fail("/model/layers", fmt::format("layers ({}) must be divisible by pp*virtual_stages ({}*{} = {})",
+                                        model.layers, mesh.pp, mesh.virtual_stages, model_chunks));
 
     if (mesh.virtual_stages > 1 && mesh.schedule != Schedule::kInterleaved1F1B)
       fail("/mesh/virtual_stages",
@@ -578,105 +588,22 @@ class ScenarioValidator {
            fmt::format("schedule \"interleaved_1f1b\" needs microbatches ({}) divisible by pp ({})",
                        mesh.microbatches, mesh.pp));
 
-    validateValidLengths();
-    validateCoefficients();
-    validateNames();
+    checkValidLengths(sc_);
 
-    const std::uint64_t bytes = estimateMemoryBytes(scenario_);
+    // The same applicability rule `run` relies on: a fault that cannot act is refused here too.
+    requireFaultsApply(sc_);
+
+    const std::uint64_t bytes = estimateMemoryBytes(sc_);
     if (bytes > kMaxScenarioBytes)
-      fail("", fmt::format("estimated memory {:.2f} GiB exceeds the limit of {:.0f} GiB; reduce "
-                           "batch, seq_len, hidden, experts, ffn or layers",
+      fail("", fmt::format("estimated memory {:.2f} GiB exceeds the limit of {:.0f} GiB; reduce batch, "
+                           "seq_len, hidden, experts, ffn or layers",
                            static_cast<double>(bytes) / (1ull << 30),
                            static_cast<double>(kMaxScenarioBytes) / (1ull << 30)));
   }
 
  private:
-  [[noreturn]] void fail(const std::string& path, const std::string& what) const {
-    throw InputError(file_, path, what);
-  }
-
-  void requireInRange(const std::string& path, const char* name, int value, int min_value,
-                      int max_value) const {
-    if (value < min_value)
-      fail(path, fmt::format("expected an integer >= {}, got {}", min_value, value));
-    if (value > max_value) fail(path, fmt::format("{} ({}) must be <= {}", name, value, max_value));
-  }
-
-  // One entry per sequence, each in [0, seq_len]; an empty vector means "all full" (what the data
-  // generator reads), so structs built in code need not fill it.
-  void validateValidLengths() const {
-    const DataConfig& data = scenario_.data;
-    const auto& lengths = data.valid_lengths;
-    if (lengths.empty()) return;
-    if (lengths.size() != static_cast<std::size_t>(data.batch))
-      fail("/data/valid_lengths",
-           fmt::format("expected {} entries (one per sequence, batch = {}), got {}", data.batch,
-                       data.batch, lengths.size()));
-    long long total = 0;
-    for (std::size_t i = 0; i < lengths.size(); ++i) {
-      if (lengths[i] < 0 || lengths[i] > data.seq_len)
-        fail(childPath("/data/valid_lengths", i),
-             fmt::format("valid length {} must be in [0, seq_len = {}]", lengths[i], data.seq_len));
-      total += lengths[i];
-    }
-    if (total == 0 && scenario_.aux.exclude_padding)
-      fail("/data/valid_lengths",
-           "every token is padding: at least one sequence needs a valid length > 0");
-  }
-
-  void validateCoefficients() const {
-    const auto requireNonNegative = [&](const char* path, const char* name, double value) {
-      if (!std::isfinite(value) || value < 0)
-        fail(path, fmt::format("{} ({}) must be a finite number >= 0", name, numberText(value)));
-    };
-    requireNonNegative("/aux/coeff", "coeff", scenario_.aux.coeff);
-    requireNonNegative("/aux/z_loss_coeff", "z_loss_coeff", scenario_.aux.z_loss_coeff);
-    const double rtol = scenario_.tolerance.rtol;
-    if (!std::isfinite(rtol) || rtol < 0 || rtol >= 1)
-      fail("/tolerance/rtol",
-           fmt::format("rtol ({}) must be a finite number in [0, 1) (0 = derived from the dtype)",
-                       numberText(rtol)));
-  }
-
-  // Catalog names (preset, faults) and the expectation's enumerations.
-  void validateNames() const {
-    std::vector<std::string> presets;
-    for (const auto& p : presetCatalog()) presets.push_back(p.name);
-    if (!findPreset(scenario_.framework.preset))
-      fail("/framework/preset",
-           fmt::format("unknown preset \"{}\"{}; known presets: {}", scenario_.framework.preset,
-                       didYouMean(scenario_.framework.preset, presets), joinNames(presets)));
-
-    std::vector<std::string> faults;
-    for (const auto& f : faultCatalog()) faults.push_back(f.name);
-    for (std::size_t i = 0; i < scenario_.faults.size(); ++i) {
-      const std::string& name = scenario_.faults[i];
-      if (!findFault(name))
-        fail(childPath("/faults", i),
-             fmt::format("unknown fault \"{}\"{}; known faults: {}", name, didYouMean(name, faults),
-                         joinNames(faults)));
-      for (std::size_t j = 0; j < i; ++j)
-        if (scenario_.faults[j] == name)
-          fail(childPath("/faults", i),
-               fmt::format("fault \"{}\" is listed twice (first at /faults/{})", name, j));
-    }
-
-    const Expectation& expect = scenario_.expect;
-    if (std::find(kVerdictNames.begin(), kVerdictNames.end(), expect.verdict) == kVerdictNames.end())
-      fail("/expect/verdict",
-           fmt::format("expected one of {}, got \"{}\"", joinNames(kVerdictNames, "\""),
-                       expect.verdict));
-    if (!expect.diagnosis.empty() &&
-        std::find(kDiagnosisCodes.begin(), kDiagnosisCodes.end(), expect.diagnosis) ==
-            kDiagnosisCodes.end())
-      fail("/expect/diagnosis",
-           fmt::format("unknown diagnosis code \"{}\"{}; expected \"\" (any) or one of {}",
-                       expect.diagnosis, didYouMean(expect.diagnosis, kDiagnosisCodes),
-                       joinNames(kDiagnosisCodes)));
-  }
-
-  const Scenario& scenario_;
-  const std::string& file_;
+  [[noreturn]] void fail(const std::string& path, const std::string& what) const { failAt(sc_, path, what); }
+  const Scenario& sc_;
 };
 
 }  // namespace
@@ -685,19 +612,23 @@ class ScenarioValidator {
 // Public API.
 
 Scenario parseScenarioText(const std::string& text, const std::string& file_for_errors) {
-  const Json root = parseJsonDocument(text, file_for_errors);
+  const Json root = json_input::parseDocument(text, file_for_errors);
+  if (!root.is_object())
+    throw InputError(file_for_errors, "",
+                     fmt::format("expected a JSON object at the top level, got {}", describe(root)));
   Scenario scenario;
   scenario.source_file = file_for_errors;
-  ScenarioReader(file_for_errors).read(root, scenario);
-  fillDefaults(scenario);
+  readObject(ValueReader(file_for_errors), root, "", scenarioFields(), scenario);
+  // Filled in here because the struct cannot default it: one valid length per sequence.
+  if (scenario.data.valid_lengths.empty() && scenario.data.batch > 0)
+    scenario.data.valid_lengths.assign(static_cast<std::size_t>(scenario.data.batch), scenario.data.seq_len);
   validateScenario(scenario);
   return scenario;
 }
 
 Scenario loadScenarioFile(const std::string& path) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec))
-    throw InputError(path, "", "cannot read file: it is a directory");
+  if (std::filesystem::is_directory(path, ec)) throw InputError(path, "", "cannot read file: it is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InputError(path, "", fmt::format("cannot read file: {}", std::strerror(errno)));
   std::ostringstream content;
@@ -708,54 +639,16 @@ Scenario loadScenarioFile(const std::string& path) {
 
 void validateScenario(const Scenario& scenario) { ScenarioValidator(scenario).run(); }
 
+Scenario resolveScenario(const Scenario& scenario) {
+  Scenario resolved = scenario;
+  if (resolved.aux.group_weighting == GroupWeighting::kPreset)
+    resolved.aux.group_weighting = presetRecord(scenario.framework.preset).group_weighting;
+  return resolved;
+}
+
 std::string scenarioToJsonText(const Scenario& scenario, int indent) {
-  OrderedJson out;
-  out["schema_version"] = scenario.schema_version;
-  out["name"] = scenario.name;
-  out["description"] = scenario.description;
-  out["seed"] = scenario.seed;
-
-  const ModelConfig& model = scenario.model;
-  out["model"] = OrderedJson{{"hidden", model.hidden},
-                             {"experts", model.experts},
-                             {"top_k", model.top_k},
-                             {"layers", model.layers},
-                             {"ffn", model.ffn},
-                             {"score", toString(model.score)},
-                             {"norm_topk_prob", model.norm_topk_prob},
-                             {"dtype", toString(model.dtype)}};
-
-  const DataConfig& data = scenario.data;
-  std::vector<int> lengths = data.valid_lengths;
-  if (lengths.empty() && data.batch > 0) lengths.assign(static_cast<std::size_t>(data.batch), data.seq_len);
-  out["data"] = OrderedJson{{"batch", data.batch},
-                            {"seq_len", data.seq_len},
-                            {"valid_lengths", lengths},
-                            {"safetensors", data.safetensors}};
-
-  const AuxConfig& aux = scenario.aux;
-  out["aux"] = OrderedJson{{"type", toString(aux.type)},
-                           {"coeff", aux.coeff},
-                           {"z_loss_coeff", aux.z_loss_coeff},
-                           {"z_loss_scope", toString(aux.z_loss_scope)},
-                           {"exclude_padding", aux.exclude_padding},
-                           {"group_weighting", toString(aux.group_weighting)}};
-
-  const MeshConfig& mesh = scenario.mesh;
-  out["mesh"] = OrderedJson{{"dp", mesh.dp},
-                            {"pp", mesh.pp},
-                            {"cp", mesh.cp},
-                            {"microbatches", mesh.microbatches},
-                            {"schedule", toString(mesh.schedule)},
-                            {"virtual_stages", mesh.virtual_stages},
-                            {"cp_layout", toString(mesh.cp_layout)}};
-
-  out["framework"] = OrderedJson{{"preset", scenario.framework.preset}};
-  out["faults"] = scenario.faults;
-  out["expect"] = OrderedJson{{"verdict", scenario.expect.verdict},
-                              {"diagnosis", scenario.expect.diagnosis},
-                              {"factor", scenario.expect.factor}};
-  out["tolerance"] = OrderedJson{{"rtol", scenario.tolerance.rtol}};
+  OrderedJson out = OrderedJson::object();
+  for (const Field<Scenario>& f : scenarioFields()) out[f.key] = f.write(scenario);
   return out.dump(indent, ' ', false, OrderedJson::error_handler_t::replace);
 }
 
@@ -782,31 +675,32 @@ double defaultRtol(DType dtype) {
   return 1e-7;
 }
 
-namespace {
-// The JSON name of an enumerator; "invalid" for a value outside the enumeration (never UB).
-template <typename Enum, std::size_t N>
-const char* enumName(Enum value, const char* const (&names)[N]) {
-  const auto index = static_cast<std::size_t>(value);
-  return index < N ? names[index] : "invalid";
-}
-}  // namespace
+const char* toString(ScoreFunction v) { return nameOf(v, kScoreNames); }
+const char* toString(AuxScope v) { return nameOf(v, kAuxScopeNames); }
+const char* toString(ZLossScope v) { return nameOf(v, kZLossScopeNames); }
+const char* toString(GroupWeighting v) { return nameOf(v, kGroupWeightingNames); }
+const char* toString(DType v) { return nameOf(v, kDTypeNames); }
+const char* toString(Schedule v) { return nameOf(v, kScheduleNames); }
+const char* toString(CpLayout v) { return nameOf(v, kCpLayoutNames); }
+const char* toString(MainLossScope v) { return nameOf(v, kMainLossScopeNames); }
+const char* toString(Verdict v) { return nameOf(v, kVerdictNames); }
 
-const char* toString(ScoreFunction v) { return enumName(v, kScoreNames); }
-const char* toString(AuxScope v) { return enumName(v, kAuxScopeNames); }
-const char* toString(ZLossScope v) { return enumName(v, kZLossScopeNames); }
-const char* toString(GroupWeighting v) { return enumName(v, kGroupWeightingNames); }
-const char* toString(DType v) { return enumName(v, kDTypeNames); }
-const char* toString(Schedule v) { return enumName(v, kScheduleNames); }
-const char* toString(CpLayout v) { return enumName(v, kCpLayoutNames); }
-const char* toString(MainLossScope v) {
-  return v == MainLossScope::kTokenMean ? "token_mean" : "microbatch_mean";
+std::optional<Verdict> verdictNamed(const std::string& name) { return valueNamed(name, kVerdictNames); }
+std::optional<AuxScope> auxScopeNamed(const std::string& name) { return valueNamed(name, kAuxScopeNames); }
+std::optional<ZLossScope> zLossScopeNamed(const std::string& name) {
+  return valueNamed(name, kZLossScopeNames);
 }
+std::optional<ScoreFunction> scoreFunctionNamed(const std::string& name) {
+  return valueNamed(name, kScoreNames);
+}
+std::optional<GroupWeighting> groupWeightingNamed(const std::string& name) {
+  return valueNamed(name, kGroupWeightingNames);
+}
+std::optional<DType> dtypeNamed(const std::string& name) { return valueNamed(name, kDTypeNames); }
 
 DType parseDType(const std::string& name) {
-  for (int i = 0; i < 3; ++i)
-    if (name == kDTypeNames[i]) return static_cast<DType>(i);
-  throw UsageError(fmt::format("unknown dtype \"{}\"; expected one of float64, float32, bfloat16",
-                               name));
+  if (const std::optional<DType> dtype = dtypeNamed(name)) return *dtype;
+  throw UsageError(fmt::format("unknown dtype \"{}\"; expected one of {}", name, joinNames(namesOf(kDTypeNames))));
 }
 
 }  // namespace moe

@@ -1,10 +1,13 @@
-// The scenario contract of DESIGN.md §6 (schema_version 1) as typed structs. No torch here: the
-// scenario layer is shared by the simulation and by the reference that judges it.
+// The scenario contract (schema_version 1, docs/scenario-format in the README) as typed structs. No
+// torch here: the scenario layer is shared by the simulation and by the reference that judges it.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "common/diagnosis_code.hpp"
 
 namespace moe {
 
@@ -14,7 +17,8 @@ enum class ZLossScope { kMicroBatch, kGlobalBatch };
 enum class DType { kFloat64, kFloat32, kBFloat16 };
 enum class Schedule { kGPipe, kOneFOneB, kInterleaved1F1B };
 enum class CpLayout { kContiguous, kZigzag };
-// How the main loss is normalized (DESIGN §3 "scope per framework convention"):
+enum class Verdict { kPass, kFail };
+// How the main loss is normalized:
 //  kMicrobatchMean: mean over (DP replica, microbatch) of each microbatch's valid-token mean
 //                   (Megatron default, DeepSpeed);
 //  kTokenMean:      one mean over all valid tokens of the global batch (Megatron per-token mode,
@@ -25,8 +29,26 @@ enum class MainLossScope { kMicrobatchMean, kTokenMean };
 //            NeMo Automodel, DeepSpeed, HF);
 //  kTokens:  groups weigh by their token count: alpha * sum_G T_G L_G / sum_G T_G (Megatron
 //            per-token mode, torchtitan: raw_sum * coeff / global_valid_tokens);
-//  kPreset:  whichever the preset computes (the default).
+//  kPreset:  whichever the preset computes (the default; resolveScenario replaces it).
 enum class GroupWeighting { kPreset, kUniform, kTokens };
+
+// The framework conventions the tool models (src/scenario/catalog.cpp holds one record each).
+enum class Preset { kMegatron, kMegatronPerToken, kNemoAutomodel, kTorchtitan, kDeepSpeed, kHfTrainer };
+// The catalog's named faults, each a shipped bug (src/scenario/catalog.cpp: one record each).
+enum class Fault {
+  kDiscardApplyReturn,
+  kMissingBackwardScale,
+  kAccumulationOverweight,
+  kGlobalTokenNormalization,
+  kMissingCpScale,
+  kSeqAuxMissingMbs,
+  kCountPadding,
+  kWorldSizeMultiply,
+  kAutogradAllreduceStats,
+  kStaleTokenDenominator,
+  kBatchWiseCountsPerMicrobatch,
+  kCoeffAsGate,
+};
 
 struct ModelConfig {
   int hidden = 32;
@@ -44,8 +66,8 @@ struct DataConfig {
   int seq_len = 16;
   // One entry per sequence, each in [0, seq_len]; filled with seq_len when absent.
   std::vector<int> valid_lengths;
-  // When non-empty: a safetensors file holding x, y, valid and the weights (DESIGN §6 "bring your
-  // own router data"); the path is resolved relative to the scenario file.
+  // When non-empty: a safetensors file holding x, y, valid and the weights ("bring your own router
+  // data"); the path is resolved relative to the scenario file.
   std::string safetensors;
 };
 
@@ -58,24 +80,33 @@ struct AuxConfig {
   GroupWeighting group_weighting = GroupWeighting::kPreset;
 };
 
-struct MeshConfig {
-  int dp = 1;
-  int pp = 1;
-  int cp = 1;
+// The sizes of a parallel mesh: the one bag of parallel degrees every layer of the tool uses (the
+// scenario's mesh, the rank layout, the scale inputs of a convention, the quantities a diagnosis
+// attributes a factor to, the report's mesh summary). tp and ep stay 1 until the scenario names them.
+struct MeshSizes {
+  int tp = 1;            // tensor parallel
+  int cp = 1;            // context parallel
+  int dp = 1;            // data parallel
+  int pp = 1;            // pipeline parallel
+  int ep = 1;            // expert parallel: carved out of tp*cp*dp, it does not multiply the world
   int microbatches = 1;  // per DP replica (gradient-accumulation steps of one optimizer step)
+  long long world() const { return 1ll * tp * cp * dp * pp; }
+};
+
+struct MeshConfig : MeshSizes {
   Schedule schedule = Schedule::kOneFOneB;
   int virtual_stages = 1;  // model chunks per pipeline rank; > 1 only with interleaved_1f1b
   CpLayout cp_layout = CpLayout::kContiguous;
 };
 
 struct FrameworkConfig {
-  std::string preset = "megatron";
+  Preset preset = Preset::kMegatron;
 };
 
 struct Expectation {
-  std::string verdict = "pass";  // "pass" | "fail"
-  std::string diagnosis;         // a diagnosis code; empty = any
-  std::string factor;            // e.g. "1/dp"; empty = any
+  Verdict verdict = Verdict::kPass;
+  DiagnosisCode diagnosis = DiagnosisCode::kNone;  // kNone = any
+  std::string factor;                              // e.g. "1/dp"; empty = any
 };
 
 struct ToleranceConfig {
@@ -92,7 +123,7 @@ struct Scenario {
   AuxConfig aux;
   MeshConfig mesh;
   FrameworkConfig framework;
-  std::vector<std::string> faults;
+  std::vector<Fault> faults;
   Expectation expect;
   ToleranceConfig tolerance;
 
@@ -104,11 +135,18 @@ struct Scenario {
 Scenario loadScenarioFile(const std::string& path);
 Scenario parseScenarioText(const std::string& text, const std::string& file_for_errors);
 
-// Cross-field rules of a resolved scenario (also re-run after command-line overrides such as --mesh).
-// Throws InputError; `file` is used in the message.
+// Every rule of a scenario: ranges, cross-field rules, the faults' applicability to the preset,
+// scope and mesh (the same rule `run` applies), and the memory bound. Also re-run after command-line
+// overrides such as --mesh. Throws InputError naming scenario.source_file and the JSON path.
 void validateScenario(const Scenario& scenario);
 
-// The resolved scenario as JSON text (defaults filled in), as echoed in the report.
+// The scenario with every preset-dependent default replaced by what the preset computes
+// (aux.group_weighting), as the report echoes it: a reader of a report knows which objective was
+// checked.
+Scenario resolveScenario(const Scenario& scenario);
+
+// The scenario as JSON text (defaults filled in), as echoed in the report and written by
+// `selftest --export`; parseScenarioText reads it back to an equal scenario.
 std::string scenarioToJsonText(const Scenario& scenario, int indent = 2);
 
 // Rough peak memory of a run in bytes (activations of the whole batch, weights, reference buffers);
@@ -128,6 +166,20 @@ const char* toString(Schedule v);
 const char* toString(CpLayout v);
 const char* toString(MainLossScope v);
 const char* toString(GroupWeighting v);
-DType parseDType(const std::string& name);  // throws UsageError on an unknown name
+const char* toString(Verdict v);
+const char* toString(Preset v);
+const char* toString(Fault v);
+// The enumerator of a JSON name, or nullopt.
+std::optional<Preset> presetNamed(const std::string& name);
+std::optional<Fault> faultNamed(const std::string& name);
+std::optional<Verdict> verdictNamed(const std::string& name);
+std::optional<AuxScope> auxScopeNamed(const std::string& name);
+std::optional<ZLossScope> zLossScopeNamed(const std::string& name);
+std::optional<ScoreFunction> scoreFunctionNamed(const std::string& name);
+std::optional<GroupWeighting> groupWeightingNamed(const std::string& name);
+std::optional<DType> dtypeNamed(const std::string& name);
+DType parseDType(const std::string& name);  // throws UsageError naming the allowed names
+std::vector<std::string> presetNames();
+std::vector<std::string> faultNames();
 
 }  // namespace moe

@@ -43,8 +43,7 @@ namespace {
 
 // Gloo prefixes its messages with "[/path/to/file.cc:123] "; the user needs the rest.
 std::string cleanMessage(std::string what) {
-  const auto backtrace = what.find("\nException raised from");
-  if (backtrace != std::string::npos) what.resize(backtrace);
+  what = withoutBacktrace(std::move(what));
   while (!what.empty() && what.front() == '[') {
     const auto close = what.find("] ");
     if (close == std::string::npos) break;
@@ -140,24 +139,15 @@ C10dCommunicator::C10dCommunicator(const c10::intrusive_ptr<c10d::Store>& store,
       im.device = c10d::ProcessGroupGloo::createDefaultDevice();
   });
 
-  // Fixed global creation order (see the header): world, dp, cp, dp*cp.
-  const std::pair<CommGroup, const char*> kinds[] = {{CommGroup::kWorld, "world"},
-                                                     {CommGroup::kDataParallel, "dp"},
-                                                     {CommGroup::kContext, "cp"},
-                                                     {CommGroup::kDataContext, "dpcp"}};
-  for (const auto& [kind, key] : kinds) {
+  // Fixed global creation order (see the header and allCommGroups()).
+  for (const CommGroup kind : allCommGroups()) {
     Group g;
-    switch (kind) {
-      case CommGroup::kWorld: g.members = layout.worldGroup(); break;
-      case CommGroup::kDataParallel: g.members = layout.dataParallelGroup(rank); break;
-      case CommGroup::kContext: g.members = layout.contextGroup(rank); break;
-      case CommGroup::kDataContext: g.members = layout.dataContextGroup(rank); break;
-    }
+    g.members = layout.groupMembers(kind, rank);
     for (size_t i = 0; i < g.members.size(); ++i)
       if (g.members[i] == rank) g.group_rank = static_cast<int>(i);
     const bool needs_pg = g.members.size() > 1 || kind == CommGroup::kWorld;
     if (needs_pg) {
-      const std::string prefix = fmt::format("{}/pg/{}/{}", options.prefix, key, g.members.front());
+      const std::string prefix = fmt::format("{}/pg/{}/{}", options.prefix, toString(kind), g.members.front());
       im.guarded(fmt::format("creating the {} process group", toString(kind)),
                  fmt::format(" (members: ranks {}; {})", joinRanks(g.members), im.timeoutText()), [&] {
                    auto pg_options = c10d::ProcessGroupGloo::Options::create(options.timeout);

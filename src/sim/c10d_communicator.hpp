@@ -1,17 +1,16 @@
 // The Communicator seam over torch c10d ProcessGroupGloo (DESIGN §5): one process per rank, CPU
 // tensors, process groups rendezvoused through a c10d Store (a TCPStore in practice).
 //
-// Groups. One world group plus, for every kind the rank program uses (kDataParallel, kContext,
-// kDataContext), the group of that kind this rank belongs to, with the members MeshLayout gives
-// (rank = c + cp*(d + dp*p): Megatron-LM's default "tp-cp-ep-dp-pp" order with tp = ep = 1, cp
-// fastest, then dp, then pp). Group-rank i of a group is its i-th member in that order. c10d group
-// creation is collective over the group's members, so every process creates its groups in one
-// fixed global order: world, then dp, then cp, then dp*cp. The groups of one kind partition the
-// ranks, so all members of a group reach its creation together and no order can deadlock. Each
-// group rendezvouses under its own c10d::PrefixStore prefix ("<prefix>/pg/<kind>/<first member>"),
-// so a process never has to create a group it is not a member of (torch.distributed.new_group needs
-// that only because it numbers groups with a global counter). Groups of one member are not created:
-// an all-reduce over one rank is the identity.
+// Groups. One world group plus, for every kind the rank program uses (allCommGroups(): dp, cp, dp*cp,
+// tp, tp*cp, tp*dp*cp), the group of that kind this rank belongs to, with the members MeshLayout
+// gives (Megatron-LM's dense rank order, tp fastest, then cp, dp, pp). Group-rank i of a group is its
+// i-th member in that order. c10d group creation is collective over the group's members, so every
+// process creates its groups in one fixed global order (allCommGroups()). The groups of one kind
+// partition the ranks, so all members of a group reach its creation together and no order can
+// deadlock. Each group rendezvouses under its own c10d::PrefixStore prefix ("<prefix>/pg/<kind>/<first
+// member>"), so a process never has to create a group it is not a member of (torch.distributed.
+// new_group needs that only because it numbers groups with a global counter). Groups of one member
+// are not created: an all-reduce over one rank is the identity.
 //
 // Collectives. allReduceSum on float64 tensors is c10d's Gloo allreduce (SUM): its ring sums in a
 // different order than the emulated backend, so the two agree to float64 rounding, not bitwise.

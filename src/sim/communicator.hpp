@@ -1,21 +1,20 @@
-// The one communication seam of the mesh (DESIGN §2), in the spirit of c10d's Backend: a rank, a
-// size, sum all-reduce over the rank's process groups, point-to-point send/recv, barrier.
-// Implementations: EmulatedCommunicator (all ranks as threads of one process, real arithmetic) and
-// the c10d one (one process per rank, ProcessGroupGloo). Every call blocks until it is complete for
-// this rank; failures and time-outs throw RuntimeFailure naming the backend, rank and operation.
+// The one communication seam of the mesh, in the spirit of c10d's Backend: a rank, a size, sum
+// all-reduce over the rank's process groups, point-to-point send/recv, barrier. Implementations:
+// EmulatedCommunicator (all ranks as threads of one process, real arithmetic), C10dCommunicator (one
+// process per rank, ProcessGroupGloo) and the NCCL one in src/cuda. Every call blocks until it is
+// complete for this rank; failures and time-outs throw RuntimeFailure naming the backend, rank and
+// operation.
 #pragma once
 
 #include <string>
+
+#include "sim/mesh_layout.hpp"
 
 namespace at {
 class Tensor;
 }
 
 namespace moe {
-
-// The process groups a rank of a dp x pp x cp mesh uses (MeshLayout gives their members).
-enum class CommGroup { kDataParallel, kContext, kDataContext, kWorld };
-const char* toString(CommGroup group);
 
 class Communicator {
  public:

@@ -10,16 +10,6 @@
 
 namespace moe {
 
-const char* toString(CommGroup group) {
-  switch (group) {
-    case CommGroup::kDataParallel: return "dp";
-    case CommGroup::kContext: return "cp";
-    case CommGroup::kDataContext: return "dp*cp";
-    case CommGroup::kWorld: return "world";
-  }
-  return "?";
-}
-
 namespace {
 
 // One all-reduce rendezvous per concrete group (identified by its kind and first member).
@@ -90,16 +80,6 @@ void EmulatedWorld::abort(const std::string& why) {
 
 namespace {
 
-std::vector<int> membersOf(const MeshLayout& layout, CommGroup group, int rank) {
-  switch (group) {
-    case CommGroup::kDataParallel: return layout.dataParallelGroup(rank);
-    case CommGroup::kContext: return layout.contextGroup(rank);
-    case CommGroup::kDataContext: return layout.dataContextGroup(rank);
-    case CommGroup::kWorld: return layout.worldGroup();
-  }
-  return {};
-}
-
 // Waits on `cv` until `ready()` or the world aborts or the deadline passes; throws on the latter two.
 template <class Ready>
 void waitOrThrow(std::unique_lock<std::mutex>& lock, EmulatedWorld::Impl& impl,
@@ -120,7 +100,7 @@ void waitOrThrow(std::unique_lock<std::mutex>& lock, EmulatedWorld::Impl& impl,
 
 void EmulatedCommunicator::allReduceSum(at::Tensor& tensor, CommGroup group) {
   auto& impl = *world_.impl_;
-  const std::vector<int> members = membersOf(world_.layout(), group, rank_);
+  const std::vector<int> members = world_.layout().groupMembers(group, rank_);
   const int n = static_cast<int>(members.size());
   if (n == 1) return;
   int index = 0;

@@ -24,7 +24,6 @@
 
 #include "common/errors.hpp"
 #include "sim/c10d_communicator.hpp"
-#include "sim/convention.hpp"
 
 extern char** environ;
 
@@ -47,9 +46,11 @@ int parseInt(const std::string& name, const std::string& value, long min, long m
   return static_cast<int>(v);
 }
 
-int meshWorld(const Scenario& sc) { return sc.mesh.dp * sc.mesh.pp * sc.mesh.cp; }
+int meshWorld(const Scenario& sc) { return static_cast<int>(sc.mesh.world()); }
 
 std::string meshText(const Scenario& sc) {
+  if (sc.mesh.tp > 1)
+    return fmt::format("tp={} x cp={} x dp={} x pp={}", sc.mesh.tp, sc.mesh.cp, sc.mesh.dp, sc.mesh.pp);
   return fmt::format("dp={} x pp={} x cp={}", sc.mesh.dp, sc.mesh.pp, sc.mesh.cp);
 }
 
@@ -179,15 +180,14 @@ void checkRankEnvironment(const RankEnvironment& env, const Scenario& scenario, 
                                  env.world_variable, env.world_size, env.source));
 }
 
-int launchLocalRanks(const Scenario& scenario, int nproc) {
+int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& backend) {
   const int world = meshWorld(scenario);
   if (nproc != world)
     throw UsageError(fmt::format("--nproc {} does not match the mesh: {} needs {} ranks (use --nproc {} "
                                  "or change --mesh)",
                                  nproc, meshText(scenario), world, world));
-  conventionFor(scenario);  // preset/fault problems are reported once, before any rank starts
   if (!glooAvailable())
-    throw UsageError("backend 'gloo' is not available in this build; use --backend emulated");
+    throw UsageError("backend '" + backend + "' needs c10d Gloo, which this build does not have; use --backend emulated");
   const std::chrono::milliseconds timeout = distributedTimeout();
   const std::chrono::milliseconds grace = killGrace(timeout);
   const std::vector<std::string> args = ownCommandLine();
@@ -202,7 +202,7 @@ int launchLocalRanks(const Scenario& scenario, int nproc) {
     o.timeout = timeout;
     store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
   } catch (const std::exception& e) {
-    throw RuntimeFailure("gloo", -1, "launcher: starting the TCPStore on 127.0.0.1", e.what());
+    throw RuntimeFailure(backend, -1, "launcher: starting the TCPStore on 127.0.0.1", withoutBacktrace(e.what()));
   }
   const int port = store->getPort();
 
@@ -285,7 +285,7 @@ int launchLocalRanks(const Scenario& scenario, int nproc) {
       if (pgid > 0) kill(-pgid, SIGKILL);
       for (int k = 0; k < r; ++k) waitpid(children[k].pid, nullptr, 0);
       restoreSignals();
-      throw RuntimeFailure("gloo", -1, fmt::format("launcher: starting rank {}", r),
+      throw RuntimeFailure(backend, -1, fmt::format("launcher: starting rank {}", r),
                            fmt::format("fork failed: {}", std::strerror(err)));
     }
     if (pgid == 0) pgid = pid;
@@ -361,7 +361,7 @@ int launchLocalRanks(const Scenario& scenario, int nproc) {
   }
   std::string each;
   for (int r = 0; r < nproc; ++r) each += fmt::format("{}rank {}: {}", r ? "; " : "", r, describe(children[r]));
-  std::cerr << "moe-lbcheck: error: gloo launcher: " << summary << ". " << each << "\n";
+  std::cerr << "moe-lbcheck: error: " << backend << " launcher: " << summary << ". " << each << "\n";
   return static_cast<int>(ExitCode::kRuntimeFailure);
 }
 

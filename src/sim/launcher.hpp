@@ -1,4 +1,4 @@
-// How a `--backend gloo` run gets its processes (DESIGN §5): either moe-lbcheck starts them itself
+// How a `--backend gloo|nccl` run gets its processes: either moe-lbcheck starts them itself
 // (`--nproc N`, or the mesh's world size), or it is one rank under an existing launcher.
 //
 // Environment detection, in order of precedence:
@@ -45,8 +45,7 @@ struct RankEnvironment {
   std::string source;                 // e.g. "torchrun (RANK/WORLD_SIZE)", for messages
   std::string world_variable = "WORLD_SIZE";  // the variable the world size came from
   bool launcher_hosts_store = false;  // MOE_LBCHECK_LAUNCHER_STORE=1: rank 0 is a store client
-  std::string backend = "gloo";       // the rank program's collectives: "gloo" or "nccl"
-};
+  };
 
 // The rank this process is, from the launcher variables above, or nullopt when this process must
 // launch the ranks itself. `nproc_flag` is --nproc (0 when not given). Throws UsageError naming the
@@ -59,7 +58,7 @@ std::optional<RankEnvironment> detectRankEnvironment(int nproc_flag);
 void checkRankEnvironment(const RankEnvironment& env, const Scenario& scenario, int nproc_flag);
 
 // Starts `nproc` ranks of this very command line (see above), waits for them and returns the exit
-// code. Throws UsageError when nproc is not the mesh's world size.
-int launchLocalRanks(const Scenario& scenario, int nproc);
+// code. Throws UsageError when nproc is not the mesh's world size. `backend` is named in messages.
+int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& backend);
 
 }  // namespace moe

@@ -2,25 +2,42 @@
 
 namespace moe {
 
+const char* toString(CommGroup group) {
+  switch (group) {
+    case CommGroup::kDataParallel: return "dp";
+    case CommGroup::kContext: return "cp";
+    case CommGroup::kDataContext: return "dp*cp";
+    case CommGroup::kTensor: return "tp";
+    case CommGroup::kTensorContext: return "tp*cp";
+    case CommGroup::kTensorDataContext: return "tp*dp*cp";
+    case CommGroup::kWorld: return "world";
+  }
+  return "?";
+}
+
+const std::vector<CommGroup>& allCommGroups() {
+  static const std::vector<CommGroup> groups = {CommGroup::kWorld,         CommGroup::kDataParallel,
+                                                CommGroup::kContext,       CommGroup::kDataContext,
+                                                CommGroup::kTensor,        CommGroup::kTensorContext,
+                                                CommGroup::kTensorDataContext};
+  return groups;
+}
+
 MeshLayout MeshLayout::fromScenario(const Scenario& sc) {
   MeshLayout m;
-  m.dp = sc.mesh.dp;
-  m.pp = sc.mesh.pp;
-  m.cp = sc.mesh.cp;
-  m.microbatches = sc.mesh.microbatches;
-  m.virtual_stages = sc.mesh.virtual_stages;
+  static_cast<MeshConfig&>(m) = sc.mesh;
   m.batch = sc.data.batch;
   m.seq_len = sc.data.seq_len;
   m.layers = sc.model.layers;
-  m.cp_layout = sc.mesh.cp_layout;
   return m;
 }
 
 RankCoords MeshLayout::coordsOf(int rank) const {
   RankCoords c;
-  c.cp = rank % cp;
-  c.dp = (rank / cp) % dp;
-  c.pp = rank / (cp * dp);
+  c.tp = rank % tp;
+  c.cp = (rank / tp) % cp;
+  c.dp = (rank / (tp * cp)) % dp;
+  c.pp = rank / (tp * cp * dp);
   return c;
 }
 
@@ -38,32 +55,24 @@ std::vector<int> MeshLayout::cpPositions(int cp_rank) const {
   return pos;
 }
 
-std::vector<int> MeshLayout::dataParallelGroup(int rank) const {
+std::vector<int> MeshLayout::groupMembers(CommGroup kind, int rank) const {
   const RankCoords me = coordsOf(rank);
-  std::vector<int> g;
-  for (int d = 0; d < dp; ++d) g.push_back(rankOf({d, me.pp, me.cp}));
-  return g;
-}
-
-std::vector<int> MeshLayout::contextGroup(int rank) const {
-  const RankCoords me = coordsOf(rank);
-  std::vector<int> g;
-  for (int c = 0; c < cp; ++c) g.push_back(rankOf({me.dp, me.pp, c}));
-  return g;
-}
-
-std::vector<int> MeshLayout::dataContextGroup(int rank) const {
-  const RankCoords me = coordsOf(rank);
-  std::vector<int> g;
-  for (int d = 0; d < dp; ++d)
-    for (int c = 0; c < cp; ++c) g.push_back(rankOf({d, me.pp, c}));
-  return g;
-}
-
-std::vector<int> MeshLayout::worldGroup() const {
-  std::vector<int> g;
-  for (int r = 0; r < world(); ++r) g.push_back(r);
-  return g;
+  bool vary_tp = false, vary_cp = false, vary_dp = false, vary_pp = false;
+  switch (kind) {
+    case CommGroup::kDataParallel: vary_dp = true; break;
+    case CommGroup::kContext: vary_cp = true; break;
+    case CommGroup::kDataContext: vary_dp = vary_cp = true; break;
+    case CommGroup::kTensor: vary_tp = true; break;
+    case CommGroup::kTensorContext: vary_tp = vary_cp = true; break;
+    case CommGroup::kTensorDataContext: vary_tp = vary_dp = vary_cp = true; break;
+    case CommGroup::kWorld: vary_tp = vary_cp = vary_dp = vary_pp = true; break;
+  }
+  std::vector<int> members;
+  for (int p = vary_pp ? 0 : me.pp; p < (vary_pp ? pp : me.pp + 1); ++p)
+    for (int d = vary_dp ? 0 : me.dp; d < (vary_dp ? dp : me.dp + 1); ++d)
+      for (int c = vary_cp ? 0 : me.cp; c < (vary_cp ? cp : me.cp + 1); ++c)
+        for (int t = vary_tp ? 0 : me.tp; t < (vary_tp ? tp : me.tp + 1); ++t) members.push_back(rankOf({d, p, c, t}));
+  return members;
 }
 
 }  // namespace moe

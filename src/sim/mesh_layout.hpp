@@ -1,7 +1,9 @@
-// Where every rank of a dp x pp x cp mesh sits and which tokens and layers it owns (DESIGN §3).
+// Where every rank of a tp x cp x dp x pp mesh sits and which tokens and layers it owns.
 //
-// Rank order follows Megatron-LM's default "tp-cp-ep-dp-pp" (tp = ep = 1 here): cp varies fastest,
-// then dp, then pp:  rank = c + cp * (d + dp * p).
+// Rank order follows Megatron-LM's dense default "tp-cp-ep-dp-pp" (parallel_state.RankGenerator; EP
+// is carved out of the tp*cp*dp block, it does not add ranks): tp varies fastest, then cp, dp, pp:
+//   rank = t + tp * (c + cp * (d + dp * p)).
+// Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -12,21 +14,34 @@
 namespace moe {
 
 struct RankCoords {
-  int dp = 0, pp = 0, cp = 0;
+  int dp = 0, pp = 0, cp = 0, tp = 0;
 };
 
-struct MeshLayout {
-  int dp = 1, pp = 1, cp = 1, microbatches = 1, virtual_stages = 1;
+// The process groups a rank uses, named by the axes that vary inside them.
+enum class CommGroup {
+  kDataParallel,       // dp
+  kContext,            // cp
+  kDataContext,        // dp x cp: the DDP/FSDP gradient group
+  kTensor,             // tp
+  kTensorContext,      // tp x cp: Megatron's tp_cp group of the aux statistics
+  kTensorDataContext,  // tp x dp x cp: Megatron's tp_dp_cp group of the global aux statistics
+  kWorld,
+};
+const char* toString(CommGroup group);
+// Every group kind, in the fixed order in which the distributed backends create them.
+const std::vector<CommGroup>& allCommGroups();
+
+// The mesh (sizes, schedule, CP layout) plus the problem dimensions the layout of tokens and layers
+// depends on.
+struct MeshLayout : MeshConfig {
   int batch = 1, seq_len = 1, layers = 1;
-  CpLayout cp_layout = CpLayout::kContiguous;
 
   static MeshLayout fromScenario(const Scenario& scenario);
 
-  int world() const { return dp * pp * cp; }
   int microBatchSize() const { return batch / (dp * microbatches); }
   int chunks() const { return pp * virtual_stages; }         // model chunks over the whole pipeline
   int layersPerChunk() const { return layers / chunks(); }
-  int rankOf(const RankCoords& c) const { return c.cp + cp * (c.dp + dp * c.pp); }
+  int rankOf(const RankCoords& c) const { return c.tp + tp * (c.cp + cp * (c.dp + dp * c.pp)); }
   RankCoords coordsOf(int rank) const;
 
   // Sequences of DP replica d, microbatch m: [first, first + microBatchSize()).
@@ -41,12 +56,15 @@ struct MeshLayout {
   int chunkFirstLayer(int stage, int virtual_stage) const {
     return (virtual_stage * pp + stage) * layersPerChunk();
   }
+  // The pipeline stage that owns a layer.
+  int stageOfLayer(int layer) const { return (layer / layersPerChunk()) % pp; }
 
-  // Ranks of the groups a rank belongs to, in group-rank order.
-  std::vector<int> dataParallelGroup(int rank) const;
-  std::vector<int> contextGroup(int rank) const;
-  std::vector<int> dataContextGroup(int rank) const;
-  std::vector<int> worldGroup() const;
+  // Ranks of the group of `kind` that `rank` belongs to, in group-rank order (rank order).
+  std::vector<int> groupMembers(CommGroup kind, int rank) const;
+  std::vector<int> dataParallelGroup(int rank) const { return groupMembers(CommGroup::kDataParallel, rank); }
+  std::vector<int> contextGroup(int rank) const { return groupMembers(CommGroup::kContext, rank); }
+  std::vector<int> dataContextGroup(int rank) const { return groupMembers(CommGroup::kDataContext, rank); }
+  std::vector<int> worldGroup() const { return groupMembers(CommGroup::kWorld, 0); }
 };
 
 }  // namespace moe

@@ -12,12 +12,21 @@ at::Tensor tensorFrom(const std::vector<double>& v, std::vector<int64_t> shape, 
   return torch::from_blob(const_cast<double*>(v.data()), shape, at::kDouble).to(dtype).contiguous();
 }
 
+std::vector<double> doublesOf(const at::Tensor& t) {
+  const at::Tensor d = t.detach().to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+}
+
+std::vector<std::int64_t> longsOf(const at::Tensor& t) {
+  const at::Tensor d = t.to(at::kLong).contiguous();
+  return std::vector<std::int64_t>(d.data_ptr<int64_t>(), d.data_ptr<int64_t>() + d.numel());
+}
+
 // The tokens one rank holds for one microbatch: its CP positions of each of the microbatch's
 // sequences, flattened sequence-major.
 struct TokenShard {
   at::Tensor index;      // [n] int64 into the B*S token axis
   at::Tensor valid;      // [n] bool: loss tokens
-  at::Tensor aux_mask;   // [n] bool: tokens of the aux statistics
   at::Tensor aux_rows;   // [n_aux] int64: positions of the aux tokens in the shard
   at::Tensor sequence;   // [n] int64: sequence index within the microbatch
   int64_t tokens = 0;
@@ -39,9 +48,9 @@ TokenShard makeShard(const MeshInputs& in, const RankCoords& me, int microbatch)
   shard.sequence = torch::tensor(sequence, at::kLong);
   shard.valid = in.valid.index_select(0, shard.index);
   // Megatron #1982/#1984: before PR #2121 padding tokens were counted in f and P.
-  const bool aux_counts_padding = !in.scenario.aux.exclude_padding || in.convention.has("count_padding");
-  shard.aux_mask = aux_counts_padding ? torch::ones_like(shard.valid) : shard.valid.clone();
-  shard.aux_rows = shard.aux_mask.nonzero().squeeze(1);
+  const bool aux_counts_padding = !in.scenario.aux.exclude_padding || in.convention.has(Fault::kCountPadding);
+  const at::Tensor aux_mask = aux_counts_padding ? torch::ones_like(shard.valid) : shard.valid;
+  shard.aux_rows = aux_mask.nonzero().squeeze(1);
   return shard;
 }
 
@@ -80,18 +89,47 @@ struct InFlight {
   at::Tensor loss;    // defined on the last chunk
 };
 
+// An all-reduce whose backward all-reduces the gradient too (torch.distributed.nn.all_reduce's
+// semantics); the correct statistics all-reduce has an identity backward.
+struct SummingAllReduce : public torch::autograd::Function<SummingAllReduce> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor input, int64_t comm_ptr,
+                            int64_t group) {
+    ctx->saved_data["comm"] = comm_ptr;
+    ctx->saved_data["group"] = group;
+    at::Tensor out = input.detach().clone();
+    reinterpret_cast<Communicator*>(comm_ptr)->allReduceSum(out, static_cast<CommGroup>(group));
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    at::Tensor g = grads[0].contiguous().clone();
+    comm->allReduceSum(g, static_cast<CommGroup>(ctx->saved_data["group"].toInt()));
+    return {g, at::Tensor(), at::Tensor()};
+  }
+};
+
+// The aux statistics of one aux group as a rank holds them: routed counts per expert and the token
+// count, already reduced over the group's ranks, the group they were reduced over, and a multiplier
+// that a fault's definition of the group puts on the partial loss.
+struct GroupStatistics {
+  at::Tensor stats;  // [E + 1] float64: counts, then tokens
+  CommGroup group = CommGroup::kContext;
+  double multiplier = 1.0;
+};
+
 class RankProgram {
  public:
   RankProgram(const MeshInputs& in, Communicator& comm)
       : in_(in), comm_(comm), me_(in.layout.coordsOf(comm.rank())), dtype_(in.x.scalar_type()) {}
 
-  RankResult run();
+  RankState run();
 
  private:
   int chunkIndex(int virtual_stage) const { return virtual_stage * in_.layout.pp + me_.pp; }
   bool isFirstChunk(int v) const { return chunkIndex(v) == 0; }
   bool isLastChunk(int v) const { return chunkIndex(v) == in_.layout.chunks() - 1; }
-  int nextRank(int v) const;  // owner of the next chunk, same dp/cp coordinates
+  int nextRank(int v) const;  // owner of the next chunk, same tp/dp/cp coordinates
   int prevRank(int v) const;
   // Message tag of the activation (direction 0) or activation gradient (1) that model chunk
   // `receiver_chunk` receives for `microbatch`; sender and receiver compute the same value.
@@ -104,7 +142,27 @@ class RankProgram {
   void forward(int microbatch, int v);
   void backward(int microbatch, int v);
   at::Tensor layerForward(int layer, const at::Tensor& h, const TokenShard& shard, int microbatch);
-  at::Tensor auxValue(const Routing& r, const TokenShard& shard, int microbatch, int layer);
+
+  // alpha * (this rank's partial of the layer's aux loss) + beta * (its partial z-loss), scaled per
+  // the convention. Counts and token totals are all-reduced without gradient.
+  at::Tensor auxAndZLoss(const Routing& r, const TokenShard& shard, int microbatch, int layer);
+  // Megatron _apply_seq_aux_loss: one group per sequence, counts all-reduced over CP.
+  at::Tensor sequenceAuxLoss(const at::Tensor& probs, const at::Tensor& topk, const TokenShard& shard,
+                             const ScaleInputs& scale);
+  // Megatron switch_load_balancing_loss_func: one group per microbatch (micro_batch) or one for the
+  // whole global batch (global_batch).
+  at::Tensor groupAuxLoss(const at::Tensor& probs, const at::Tensor& topk, const ScaleInputs& scale, int layer);
+  GroupStatistics microbatchStatistics(const at::Tensor& topk, int64_t rows);
+  GroupStatistics globalStatistics(const at::Tensor& topk, int64_t rows, int layer);
+  // z-loss (ST-MoE; Megatron z_loss_func): mean over the group's aux tokens of logsumexp(z)^2.
+  at::Tensor zLoss(const Routing& r, const TokenShard& shard, int microbatch, const ScaleInputs& scale);
+
+  at::Tensor allReduceWithSummedBackward(const at::Tensor& t, CommGroup group) {
+    return SummingAllReduce::apply(t, reinterpret_cast<int64_t>(&comm_), static_cast<int64_t>(group));
+  }
+  void countGlobalRouting();
+  void recordRouterInput(int layer, int microbatch, const at::Tensor& h, const TokenShard& shard,
+                         const at::Tensor& topk);
 
   const MeshInputs& in_;
   Communicator& comm_;
@@ -117,26 +175,21 @@ class RankProgram {
   std::map<int, at::Tensor> global_stats_;    // layer -> [E+1] counts and tokens of the global batch
   std::map<int, at::Tensor> running_counts_;  // stale_token_denominator: running count sums
   std::map<int, int> running_steps_;
-
-  at::Tensor allReduceWithSummedBackward(const at::Tensor& t, CommGroup group);
-  void countGlobalRouting();
+  std::vector<RouterInputRecord> recorded_;
 };
 
 int RankProgram::nextRank(int v) const {
   const int next_chunk = chunkIndex(v) + 1;
-  return in_.layout.rankOf({me_.dp, next_chunk % in_.layout.pp, me_.cp});
+  return in_.layout.rankOf({me_.dp, next_chunk % in_.layout.pp, me_.cp, me_.tp});
 }
 int RankProgram::prevRank(int v) const {
   const int prev_chunk = chunkIndex(v) - 1;
-  return in_.layout.rankOf({me_.dp, prev_chunk % in_.layout.pp, me_.cp});
+  return in_.layout.rankOf({me_.dp, prev_chunk % in_.layout.pp, me_.cp, me_.tp});
 }
 
 ScaleInputs RankProgram::scaleInputs(int microbatch) const {
   ScaleInputs s;
-  s.dp = in_.layout.dp;
-  s.cp = in_.layout.cp;
-  s.pp = in_.layout.pp;
-  s.microbatches = in_.layout.microbatches;
+  s.mesh = in_.layout;
   s.micro_batch_size = in_.layout.microBatchSize();
   s.microbatch_valid_tokens = totals_.microbatch_valid[microbatch];
   s.group_aux_tokens = totals_.microbatch_aux[microbatch];
@@ -144,119 +197,153 @@ ScaleInputs RankProgram::scaleInputs(int microbatch) const {
   return s;
 }
 
-// alpha * (this rank's partial of the layer's aux loss) + beta * (its partial z-loss), scaled per
-// the convention. Counts and token totals are all-reduced without gradient (ANCHORS §7 invariant 1).
-at::Tensor RankProgram::auxValue(const Routing& r, const TokenShard& shard, int microbatch, int layer) {
-  const Scenario& sc = in_.scenario;
-  const int E = sc.model.experts, k = sc.model.top_k;
-  const ScaleInputs scale = scaleInputs(microbatch);
-  const at::Tensor& aux_rows = shard.aux_rows;
-  const at::Tensor probs = r.aux_probs.index_select(0, aux_rows);  // [n_aux, E]
-  const at::Tensor topk = r.topk.index_select(0, aux_rows);
-  at::Tensor value = torch::zeros({}, r.logits.options());
+at::Tensor RankProgram::sequenceAuxLoss(const at::Tensor& probs, const at::Tensor& topk, const TokenShard& shard,
+                                        const ScaleInputs& scale) {
+  const int E = in_.scenario.model.experts, k = in_.scenario.model.top_k;
+  const int mbs = in_.layout.microBatchSize();
+  const at::Tensor seq = shard.sequence.index_select(0, shard.aux_rows);
+  const at::Tensor seq_counts = torch::zeros({mbs * E}, at::kDouble)
+                                    .index_add_(0, (seq.unsqueeze(1) * E + topk).reshape(-1),
+                                                torch::ones({topk.numel()}, at::kDouble));
+  const at::Tensor seq_tokens =
+      torch::zeros({mbs}, at::kDouble).index_add_(0, seq, torch::ones({seq.numel()}, at::kDouble));
+  at::Tensor stats = torch::cat({seq_counts.view({mbs, E}), seq_tokens.unsqueeze(1)}, 1).contiguous();
+  comm_.allReduceSum(stats, CommGroup::kContext);
+  // P-hat per sequence: sum of this rank's probabilities of that sequence's tokens.
+  const at::Tensor p_sum = torch::zeros({mbs, E}, probs.options()).index_add(0, seq, probs);
+  const at::Tensor counts = stats.narrow(1, 0, E).to(dtype_);
+  const at::Tensor tokens = stats.select(1, E).to(dtype_);
+  const at::Tensor present = tokens > 0;
+  // DeepSeek-V3 eqs 17-20 per sequence: E/(k T_b^2) sum_e c_be Phat_be; the mean over the
+  // micro-batch's sequences (divided by its size B).
+  const at::Tensor per_seq =
+      (counts * p_sum).sum(1) * E / (k * torch::where(present, tokens * tokens, torch::ones_like(tokens)));
+  return in_.convention.auxValueMultiplier(scale, AuxScope::kSequence) *
+         torch::where(present, per_seq, torch::zeros_like(per_seq)).sum() / mbs;
+}
 
+GroupStatistics RankProgram::microbatchStatistics(const at::Tensor& topk, int64_t rows) {
+  const int E = in_.scenario.model.experts;
+  GroupStatistics g;
+  g.stats = torch::zeros({E + 1}, at::kDouble);
+  g.stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
+  g.stats[E] = static_cast<double>(rows);
+  g.group = CommGroup::kContext;
+  comm_.allReduceSum(g.stats, g.group);
+  return g;
+}
+
+GroupStatistics RankProgram::globalStatistics(const at::Tensor& topk, int64_t rows, int layer) {
+  const int E = in_.scenario.model.experts;
+  GroupStatistics g;
+  g.group = CommGroup::kDataContext;
+  const bool per_microbatch = in_.convention.has(Fault::kBatchWiseCountsPerMicrobatch);
+  const bool running = in_.convention.has(Fault::kStaleTokenDenominator);
+  if (!per_microbatch && !running) {
+    // Exact global-batch counts of every microbatch (counts pre-pass, see countGlobalRouting).
+    g.stats = global_stats_.at(layer).clone();
+    return g;
+  }
+  g.stats = torch::zeros({E + 1}, at::kDouble);
+  g.stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
+  g.stats[E] = static_cast<double>(rows);
+  comm_.allReduceSum(g.stats, CommGroup::kDataContext);
+  // Both faults average microbatch losses: the objective changes with M.
+  g.multiplier = 1.0 / in_.layout.microbatches;
+  if (running) {
+    // Megatron _apply_global_aux_loss (#7197/#7213): counts accumulate over the accumulation steps
+    // (running mean), but T is the current microbatch's token count.
+    at::Tensor& sums = running_counts_[layer];
+    sums = sums.defined() ? sums + g.stats.narrow(0, 0, E) : g.stats.narrow(0, 0, E).clone();
+    const double steps = ++running_steps_[layer];
+    g.stats.narrow(0, 0, E).copy_(sums / steps);
+  }
+  // Otherwise torchtitan PR #3000: counts all-reduced over dp*cp for the current microbatch only.
+  return g;
+}
+
+at::Tensor RankProgram::groupAuxLoss(const at::Tensor& probs, const at::Tensor& topk, const ScaleInputs& scale,
+                                     int layer) {
+  const AuxScope scope = in_.scenario.aux.type;
+  const int E = in_.scenario.model.experts, k = in_.scenario.model.top_k;
+  const int64_t rows = probs.size(0);
+  const GroupStatistics g =
+      scope == AuxScope::kGlobalBatch ? globalStatistics(topk, rows, layer) : microbatchStatistics(topk, rows);
+  const double T = g.stats[E].item<double>();
+  if (!(T > 0)) return torch::zeros({}, probs.options());
+  const at::Tensor counts = g.stats.narrow(0, 0, E).to(dtype_);
+  at::Tensor p_hat = probs.sum(0);
+  if (in_.convention.has(Fault::kAutogradAllreduceStats)) {
+    // Every rank computes the full group loss from all-reduced P-hat, as Automodel does with DTensor
+    // full_tensor(); torch.distributed.nn.all_reduce also all-reduces the gradient in backward,
+    // multiplying it by the group size (pytorch #58005).
+    p_hat = allReduceWithSummedBackward(p_hat, g.group);
+  }
+  // E/(k T^2) sum_e c_e sum_t p_te, with c and T of the group.
+  const at::Tensor partial = (counts * p_hat).sum() * (double(E) / (k * T * T));
+  return in_.convention.auxValueMultiplier(scale, scope) * g.multiplier * partial;
+}
+
+at::Tensor RankProgram::zLoss(const Routing& r, const TokenShard& shard, int microbatch, const ScaleInputs& scale) {
+  const at::Tensor lse = logsumexpRows(r.logits.index_select(0, shard.aux_rows));
+  const at::Tensor sum_sq = (lse * lse).sum();
+  if (in_.scenario.aux.z_loss_scope == ZLossScope::kGlobalBatch) {
+    if (!(totals_.global_aux > 0)) return torch::zeros({}, r.logits.options());
+    return in_.convention.auxValueMultiplier(scale, AuxScope::kGlobalBatch) * sum_sq / totals_.global_aux;
+  }
+  if (!(totals_.microbatch_aux[microbatch] > 0)) return torch::zeros({}, r.logits.options());
+  return in_.convention.auxValueMultiplier(scale, AuxScope::kMicroBatch) * sum_sq / totals_.microbatch_aux[microbatch];
+}
+
+at::Tensor RankProgram::auxAndZLoss(const Routing& r, const TokenShard& shard, int microbatch, int layer) {
+  const ScaleInputs scale = scaleInputs(microbatch);
+  at::Tensor value = torch::zeros({}, r.logits.options());
   if (in_.knobs.aux_coeff != 0.0) {
     // NeMo Automodel #1408 item 2: the coefficient was only a "> 0" gate, never multiplied in.
-    const double alpha = in_.convention.has("coeff_as_gate") ? 1.0 : in_.knobs.aux_coeff;
-    if (sc.aux.type == AuxScope::kSequence) {
-      // Megatron _apply_seq_aux_loss: per-sequence counts all-reduced over CP, mean over the
-      // micro-batch's sequences (divided by its size B).
-      const int mbs = in_.layout.microBatchSize();
-      const at::Tensor seq = shard.sequence.index_select(0, aux_rows);
-      const at::Tensor seq_counts = torch::zeros({mbs * E}, at::kDouble).index_add_(
-          0, (seq.unsqueeze(1) * E + topk).reshape(-1), torch::ones({topk.numel()}, at::kDouble));
-      const at::Tensor seq_tokens =
-          torch::zeros({mbs}, at::kDouble).index_add_(0, seq, torch::ones({seq.numel()}, at::kDouble));
-      at::Tensor stats = torch::cat({seq_counts.view({mbs, E}), seq_tokens.unsqueeze(1)}, 1).contiguous();
-      comm_.allReduceSum(stats, CommGroup::kContext);
-      // P-hat per sequence: sum of this rank's probabilities of that sequence's tokens.
-      at::Tensor p_sum = torch::zeros({mbs, E}, probs.options()).index_add(0, seq, probs);
-      const at::Tensor counts = stats.narrow(1, 0, E).to(dtype_);
-      const at::Tensor tokens = stats.select(1, E).to(dtype_);
-      const at::Tensor present = tokens > 0;
-      // DeepSeek-V3 eqs 17-20 per sequence: E/(k T_b^2) sum_e c_be Phat_be.
-      const at::Tensor per_seq = (counts * p_sum).sum(1) * E /
-                                 (k * torch::where(present, tokens * tokens, torch::ones_like(tokens)));
-      value = value + alpha * in_.convention.auxValueMultiplier(scale, AuxScope::kSequence) *
-                          torch::where(present, per_seq, torch::zeros_like(per_seq)).sum() / mbs;
-    } else {
-      // Megatron switch_load_balancing_loss_func: E/(k T^2) sum_e c_e sum_t p_te, with c and T
-      // all-reduced over CP (micro_batch) or taken over the whole global batch (global_batch).
-      at::Tensor stats = torch::zeros({E + 1}, at::kDouble);
-      stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
-      stats[E] = static_cast<double>(aux_rows.numel());
-      double mult = in_.convention.auxValueMultiplier(scale, sc.aux.type);
-      CommGroup stats_group = CommGroup::kContext;
-      if (sc.aux.type == AuxScope::kGlobalBatch) {
-        stats_group = CommGroup::kDataContext;
-        if (in_.convention.has("batch_wise_counts_per_microbatch")) {
-          // torchtitan PR #3000: counts all-reduced over dp*cp for the current microbatch only; the
-          // microbatch losses are then averaged: the objective changes with M.
-          comm_.allReduceSum(stats, CommGroup::kDataContext);
-          mult /= in_.layout.microbatches;
-        } else if (in_.convention.has("stale_token_denominator")) {
-          // Megatron _apply_global_aux_loss (#7197/#7213): counts accumulate over the accumulation
-          // steps (running mean), but T is the current microbatch's token count.
-          comm_.allReduceSum(stats, CommGroup::kDataContext);
-          at::Tensor& running = running_counts_[layer];
-          running = running.defined() ? running + stats.narrow(0, 0, E) : stats.narrow(0, 0, E).clone();
-          const double steps = ++running_steps_[layer];
-          stats.narrow(0, 0, E).copy_(running / steps);
-          mult /= in_.layout.microbatches;
-        } else {
-          // Exact global-batch counts of every microbatch (counts pre-pass, see countGlobalRouting).
-          stats = global_stats_.at(layer).clone();
-        }
-      } else {
-        comm_.allReduceSum(stats, CommGroup::kContext);
-      }
-      const double T = stats[E].item<double>();
-      if (T > 0) {
-        const at::Tensor counts = stats.narrow(0, 0, E).to(dtype_);
-        at::Tensor p_hat = probs.sum(0);
-        if (in_.convention.has("autograd_allreduce_stats")) {
-          // Every rank computes the full group loss from all-reduced P-hat, as Automodel does with
-          // DTensor full_tensor(); torch.distributed.nn.all_reduce also all-reduces the gradient in
-          // backward, multiplying it by the group size (pytorch #58005).
-          p_hat = allReduceWithSummedBackward(p_hat, stats_group);
-        }
-        const at::Tensor partial = (counts * p_hat).sum() * (double(E) / (k * T * T));
-        value = value + alpha * mult * partial;
-      }
-    }
+    const double alpha = in_.convention.has(Fault::kCoeffAsGate) ? 1.0 : in_.knobs.aux_coeff;
+    const at::Tensor probs = r.aux_probs.index_select(0, shard.aux_rows);  // [n_aux, E]
+    const at::Tensor topk = r.topk.index_select(0, shard.aux_rows);
+    const at::Tensor aux = in_.scenario.aux.type == AuxScope::kSequence ? sequenceAuxLoss(probs, topk, shard, scale)
+                                                                         : groupAuxLoss(probs, topk, scale, layer);
+    value = value + alpha * aux;
   }
-  if (in_.knobs.z_loss_coeff != 0.0) {
-    // z-loss (ST-MoE; Megatron z_loss_func): mean over the group's aux tokens of logsumexp(z)^2.
-    const at::Tensor lse = logsumexpRows(r.logits.index_select(0, aux_rows));
-    const at::Tensor sum_sq = (lse * lse).sum();
-    if (sc.aux.z_loss_scope == ZLossScope::kGlobalBatch) {
-      if (totals_.global_aux > 0)
-        value = value + in_.knobs.z_loss_coeff *
-                            in_.convention.auxValueMultiplier(scale, AuxScope::kGlobalBatch) *
-                            sum_sq / totals_.global_aux;
-    } else if (totals_.microbatch_aux[microbatch] > 0) {
-      value = value + in_.knobs.z_loss_coeff *
-                          in_.convention.auxValueMultiplier(scale, AuxScope::kMicroBatch) * sum_sq /
-                          totals_.microbatch_aux[microbatch];
-    }
-  }
+  if (in_.knobs.z_loss_coeff != 0.0) value = value + in_.knobs.z_loss_coeff * zLoss(r, shard, microbatch, scale);
   return value;
 }
 
-at::Tensor RankProgram::layerForward(int layer, const at::Tensor& h, const TokenShard& shard,
-                                     int microbatch) {
+void RankProgram::recordRouterInput(int layer, int microbatch, const at::Tensor& h, const TokenShard& shard,
+                                    const at::Tensor& topk) {
+  RouterInputRecord rec;
+  rec.layer = layer;
+  rec.microbatch = microbatch;
+  rec.rows = doublesOf(h);
+  const std::vector<std::int64_t> index = longsOf(shard.index);
+  const int64_t S = in_.layout.seq_len;
+  for (std::int64_t t : index) {
+    rec.sequence.push_back(t / S);
+    rec.position.push_back(t % S);
+  }
+  for (std::int64_t v : longsOf(shard.valid)) rec.valid.push_back(v != 0 ? 1 : 0);
+  rec.topk = longsOf(topk);
+  recorded_.push_back(std::move(rec));
+}
+
+at::Tensor RankProgram::layerForward(int layer, const at::Tensor& h, const TokenShard& shard, int microbatch) {
   const Scenario& sc = in_.scenario;
   const LayerWeights& shared = in_.layers[layer];
   LayerWeights w{router_weight_.at(layer), shared.expert_in, shared.expert_out};
-  Routing r = routeTokens(h, w.router_weight, sc.model);
+  // A capture's protocol: the router's own input detached, the experts' input not.
+  const at::Tensor router_input = in_.knobs.detach_router_inputs ? h.detach() : h;
+  Routing r = routeTokens(router_input, w.router_weight, sc.model);
+  if (in_.record_router_inputs) recordRouterInput(layer, microbatch, h, shard, r.topk);
   at::Tensor gates = r.gates;
   if (in_.knobs.aux_coeff != 0.0 || in_.knobs.z_loss_coeff != 0.0) {
-    at::Tensor aux = auxValue(r, shard, microbatch, layer);
-    const bool discard = in_.convention.has("discard_apply_return");  // Automodel #1408
-    switch (in_.convention.injection) {
+    at::Tensor aux = auxAndZLoss(r, shard, microbatch, layer);
+    const bool discard = in_.convention.has(Fault::kDiscardApplyReturn);  // Automodel #1408
+    switch (in_.convention.injection()) {
       case Injection::kAutoScaler:
       case Injection::kIdentityFunction: {
-        const double scale = in_.convention.auxBackwardScale(scaleInputs(microbatch), sc.aux.type);
+        const double scale = in_.convention.auxBackwardScale(scaleInputs(microbatch));
         at::Tensor attached = attachAuxLoss(r.gates, aux, scale);
         if (!discard) gates = attached;
         break;
@@ -297,8 +384,7 @@ void RankProgram::forward(int microbatch, int v) {
     const at::Tensor y = in_.y.index_select(0, shard.index);
     const at::Tensor per_token = 0.5 * (h - y).pow(2).sum(1);
     const at::Tensor main_sum = (per_token * shard.valid.to(per_token.scalar_type())).sum();
-    f.loss = in_.knobs.main_loss_weight *
-             in_.convention.mainLossMultiplier(scaleInputs(microbatch)) * main_sum;
+    f.loss = in_.knobs.main_loss_weight * in_.convention.mainLossMultiplier(scaleInputs(microbatch)) * main_sum;
   } else {
     f.output = h;
     comm_.send(h.detach(), nextRank(v), tag(microbatch, chunkIndex(v) + 1, 0));
@@ -332,34 +418,6 @@ void RankProgram::backward(int microbatch, int v) {
   }
 }
 
-namespace {
-
-// An all-reduce whose backward all-reduces the gradient too (torch.distributed.nn.all_reduce's
-// semantics); the correct statistics all-reduce has an identity backward.
-struct SummingAllReduce : public torch::autograd::Function<SummingAllReduce> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor input, int64_t comm_ptr,
-                            int64_t group) {
-    ctx->saved_data["comm"] = comm_ptr;
-    ctx->saved_data["group"] = group;
-    at::Tensor out = input.detach().clone();
-    reinterpret_cast<Communicator*>(comm_ptr)->allReduceSum(out, static_cast<CommGroup>(group));
-    return out;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
-    at::Tensor g = grads[0].contiguous().clone();
-    comm->allReduceSum(g, static_cast<CommGroup>(ctx->saved_data["group"].toInt()));
-    return {g, at::Tensor(), at::Tensor()};
-  }
-};
-
-}  // namespace
-
-at::Tensor RankProgram::allReduceWithSummedBackward(const at::Tensor& t, CommGroup group) {
-  return SummingAllReduce::apply(t, reinterpret_cast<int64_t>(&comm_), static_cast<int64_t>(group));
-}
-
 // Global-batch counts must cover every microbatch before any of them is differentiated, so a
 // forward-only pass (no autograd) runs the whole batch through the pipeline first and all-reduces
 // the per-layer counts over dp x cp. This is the exact form of the count buffer that the Qwen
@@ -386,8 +444,7 @@ void RankProgram::countGlobalRouting() {
         const LayerWeights& w = in_.layers[l];
         const Routing r = routeTokens(h, w.router_weight, sc.model);
         const at::Tensor& rows = shard.aux_rows;
-        local[l].narrow(0, 0, E).add_(
-            torch::bincount(r.topk.index_select(0, rows).reshape(-1), {}, E).to(at::kDouble));
+        local[l].narrow(0, 0, E).add_(torch::bincount(r.topk.index_select(0, rows).reshape(-1), {}, E).to(at::kDouble));
         local[l][E] += static_cast<double>(rows.numel());
         h = applyExperts(h, r.topk, r.gates, w);
       }
@@ -400,7 +457,7 @@ void RankProgram::countGlobalRouting() {
   }
 }
 
-RankResult RankProgram::run() {
+RankState RankProgram::run() {
   const MeshLayout& L = in_.layout;
   for (int v = 0; v < L.virtual_stages; ++v) {
     const int first = L.chunkFirstLayer(me_.pp, v);
@@ -411,33 +468,37 @@ RankResult RankProgram::run() {
   for (int m = 0; m < L.microbatches; ++m) shards_.push_back(makeShard(in_, me_, m));
   totals_ = countTokens(shards_, comm_);
   if (in_.scenario.aux.type == AuxScope::kGlobalBatch && in_.knobs.aux_coeff != 0.0) countGlobalRouting();
-  for (const PipelineAction& a :
-       pipelineSchedule(in_.scenario.mesh.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {
+  for (const PipelineAction& a : pipelineSchedule(L.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {
     if (a.kind == PipelineAction::kForward) forward(a.microbatch, a.virtual_stage);
     else backward(a.microbatch, a.virtual_stage);
   }
   // DDP/FSDP gradient reduction over dp x cp, then the convention's post-hoc scaling.
-  ScaleInputs s = scaleInputs(0);
-  RankResult result;
+  const ScaleInputs s = scaleInputs(0);
+  RankState result;
+  result.rank = comm_.rank();
+  result.coords = me_;
   for (auto& [layer, w] : router_weight_) {
     at::Tensor g = w.grad().defined() ? w.grad().detach().clone() : torch::zeros_like(w);
-    if (in_.convention.grad_reduction == GradReduction::kMean) g.mul_(1.0 / (L.dp * L.cp));
+    if (in_.convention.gradReduction() == GradReduction::kMean) g.mul_(1.0 / (L.dp * L.cp));
     comm_.allReduceSum(g, CommGroup::kDataContext);
     g.mul_(in_.convention.postReductionScale(s));
-    const at::Tensor d = g.to(at::kDouble).contiguous();
-    result.router_grad[layer].assign(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+    result.router_grad[layer] = doublesOf(g);
   }
+  result.inputs = std::move(recorded_);
   return result;
 }
 
 }  // namespace
 
-MeshInputs makeMeshInputs(const Scenario& sc, const ProblemData& data, const RunKnobs& knobs) {
+MeshInputs makeMeshInputs(const MeshRequest& request) {
+  const Scenario& sc = *request.scenario;
+  const ProblemData& data = *request.data;
   MeshInputs in;
   in.scenario = sc;
   in.layout = MeshLayout::fromScenario(sc);
   in.convention = conventionFor(sc);
-  in.knobs = knobs;
+  in.knobs = request.knobs;
+  in.record_router_inputs = request.record_router_inputs;
   const at::ScalarType dtype = torchDType(sc.model.dtype);
   const int64_t T = data.tokens(), H = data.hidden, E = data.experts, F = data.ffn;
   in.x = tensorFrom(data.x, {T, H}, dtype);
@@ -454,8 +515,6 @@ MeshInputs makeMeshInputs(const Scenario& sc, const ProblemData& data, const Run
   return in;
 }
 
-RankResult runRank(const MeshInputs& inputs, Communicator& comm) {
-  return RankProgram(inputs, comm).run();
-}
+RankState runRank(const MeshInputs& inputs, Communicator& comm) { return RankProgram(inputs, comm).run(); }
 
 }  // namespace moe

@@ -11,14 +11,16 @@ namespace {
 
 MeshQuantities mesh(int dp, int cp, int M, int pp = 1, int mbs = 1, double tokens = 97) {
   MeshQuantities q;
-  q.dp = dp;
-  q.cp = cp;
-  q.microbatches = M;
-  q.pp = pp;
+  q.sizes.dp = dp;
+  q.sizes.cp = cp;
+  q.sizes.microbatches = M;
+  q.sizes.pp = pp;
   q.micro_batch_size = mbs;
   q.tokens = tokens;
   return q;
 }
+
+const std::string kKnob = "the MoEAuxLossAutoScaler backward scale";
 
 struct FactorCase {
   double scale;
@@ -100,15 +102,15 @@ TEST(CompareVectors, NanIsWrong) {
 
 TEST(Diagnose, ZeroGradientIsMissing) {
   CheckResult c = compareVectors("g", {0.0, 0.0}, {1.0, 2.0}, 1e-7, 0.0);
-  diagnoseAuxGradient(c, mesh(3, 1, 5), "nemo_automodel", 0.0, std::sqrt(5.0));
-  EXPECT_EQ(c.diagnosis.code, "AUX_GRAD_MISSING");
+  diagnoseAuxGradient(c, mesh(3, 1, 5), kKnob, 0.0, std::sqrt(5.0));
+  EXPECT_EQ(c.diagnosis.code, DiagnosisCode::kAuxGradMissing);
   EXPECT_EQ(c.diagnosis.factor, "0");
 }
 
 TEST(Diagnose, ParallelButScaledIsAttributed) {
   CheckResult c = compareVectors("g", {1.0 / 3, 2.0 / 3}, {1.0, 2.0}, 1e-7, 0.0);
-  diagnoseAuxGradient(c, mesh(3, 2, 5), "megatron", 1.0, 1.0);
-  EXPECT_EQ(c.diagnosis.code, "AUX_GRAD_SCALED");
+  diagnoseAuxGradient(c, mesh(3, 2, 5), kKnob, 1.0, 1.0);
+  EXPECT_EQ(c.diagnosis.code, DiagnosisCode::kAuxGradScaled);
   EXPECT_EQ(c.diagnosis.factor, "1/dp");
   EXPECT_NE(c.diagnosis.cause.find("#3672"), std::string::npos);
   EXPECT_NE(c.diagnosis.fix.find("backward scale"), std::string::npos);
@@ -116,14 +118,14 @@ TEST(Diagnose, ParallelButScaledIsAttributed) {
 
 TEST(Diagnose, TurnedGradientIsDirection) {
   CheckResult c = compareVectors("g", {1.0, 0.0}, {1.0, 1.0}, 1e-7, 0.0);
-  diagnoseAuxGradient(c, mesh(3, 2, 5), "megatron", 1.0, std::sqrt(2.0));
-  EXPECT_EQ(c.diagnosis.code, "AUX_GRAD_DIRECTION");
+  diagnoseAuxGradient(c, mesh(3, 2, 5), kKnob, 1.0, std::sqrt(2.0));
+  EXPECT_EQ(c.diagnosis.code, DiagnosisCode::kAuxGradDirection);
   EXPECT_NEAR(c.diagnosis.value, std::sqrt(0.5), 1e-15);
 }
 
 TEST(Diagnose, UnexplainedScaleSaysSo) {
   CheckResult c = compareVectors("g", {1.7, 3.4}, {1.0, 2.0}, 1e-7, 0.0);
-  diagnoseAuxGradient(c, mesh(3, 2, 5), "torchtitan", 1.0, 1.0);
+  diagnoseAuxGradient(c, mesh(3, 2, 5), kKnob, 1.0, 1.0);
   EXPECT_EQ(c.diagnosis.factor, "unexplained");
   EXPECT_NE(c.diagnosis.cause.find("1.7"), std::string::npos);
 }

@@ -1,4 +1,4 @@
-// Closed-form checks of the float64 finite-difference reference (src/reference, DESIGN §4): values at
+// Closed-form checks of the float64 finite-difference reference (src/reference): values at
 // perfect balance, scope equivalences, hand-derived gradients of the aux loss (softmax and sigmoid),
 // the z-loss, empty groups, exact ties, the Richardson error estimate and the directional checks.
 #include <gtest/gtest.h>
@@ -164,8 +164,8 @@ TEST(ReferenceScopes, SequenceEqualsMicroBatchWhenEachGroupIsOneSequence) {
   for (const Case c : {Case{4, 2, 2}, Case{1, 1, 1}}) {
     ProblemData d = randomProblem(11, c.batch, 6, 8, 6, 4, 2);
     ObjectiveDefinition micro = auxOnly(ScoreFunction::kSoftmax, 2, AuxScope::kMicroBatch, 0.01);
-    micro.dp = c.dp;
-    micro.microbatches = c.microbatches;
+    micro.mesh.dp = c.dp;
+    micro.mesh.microbatches = c.microbatches;
     ObjectiveDefinition sequence = micro;
     sequence.aux_scope = AuxScope::kSequence;
     const auto vm = evaluateObjective(d, micro), vs = evaluateObjective(d, sequence);
@@ -222,8 +222,8 @@ TEST(ReferenceClosedForm, ZLossGradientIsTwoLseSoftmax) {
       ObjectiveDefinition o = auxOnly(score, 2, AuxScope::kGlobalBatch, 0.0);
       o.z_coeff = 0.3;
       o.z_scope = scope;
-      o.dp = 2;
-      o.microbatches = 1;
+      o.mesh.dp = 2;
+      o.mesh.microbatches = 1;
       const int E = d.experts, S = d.seq_len;
       const auto z = layer0Logits(d);
       // Valid tokens per micro_batch group (2 sequences each).
@@ -274,7 +274,7 @@ TEST(ReferenceGroups, EmptyGroupsAreCountedAndLeftOut) {
   // micro_batch scope with dp = 3: the same sequence is an empty (replica, microbatch) group.
   ObjectiveDefinition micro = o;
   micro.aux_scope = AuxScope::kMicroBatch;
-  micro.dp = 3;
+  micro.mesh.dp = 3;
   EXPECT_EQ(computeReference(d, micro, auxOptions()).empty_groups, 1);
   // All tokens in the aux set when padding is not excluded: no empty group.
   micro.exclude_padding = false;
@@ -347,7 +347,7 @@ TEST(ReferenceAccuracy, RichardsonEstimateIsSmall) {
   ProblemData d = randomProblem(13, 4, 8, 16, 8, 8, 2, {8, 5, 8, 3});
   ObjectiveDefinition o = auxOnly(ScoreFunction::kSoftmax, 2, AuxScope::kMicroBatch, 0.01);
   o.z_coeff = 1e-3;
-  o.dp = 2;
+  o.mesh.dp = 2;
   ReferenceOptions options;
   options.directional_checks = 0;
   const auto r = computeReference(d, o, options);
@@ -446,16 +446,16 @@ TEST(ReferenceObjective, IntendedObjectiveTakesMainScopeFromPreset) {
   sc.model.top_k = 3;
   sc.aux.type = AuxScope::kGlobalBatch;
   sc.mesh.dp = 4;
-  sc.framework.preset = "torchtitan";
+  sc.framework.preset = Preset::kTorchtitan;
   ObjectiveDefinition o = intendedObjective(sc);
   EXPECT_EQ(o.top_k, 3);
   EXPECT_EQ(o.aux_scope, AuxScope::kGlobalBatch);
-  EXPECT_EQ(o.dp, 4);
+  EXPECT_EQ(o.mesh.dp, 4);
   EXPECT_EQ(o.main_scope, MainLossScope::kTokenMean);
-  sc.framework.preset = "megatron";
+  EXPECT_EQ(o.group_weighting, GroupWeighting::kTokens);  // the preset's, resolved
+  sc.framework.preset = Preset::kMegatron;
   EXPECT_EQ(intendedObjective(sc).main_scope, MainLossScope::kMicrobatchMean);
-  sc.framework.preset = "no_such_preset";
-  EXPECT_ANY_THROW(intendedObjective(sc));
+  EXPECT_EQ(intendedObjective(sc).group_weighting, GroupWeighting::kUniform);
 }
 
 }  // namespace

@@ -1,10 +1,9 @@
-// Backend gloo (issue 4, DESIGN §5): the Communicator seam over c10d ProcessGroupGloo, one process
-// per rank.
+// Backend gloo: the Communicator seam over c10d ProcessGroupGloo, one process per rank.
 //
 // - Agreement: every shipped scenario, and 2-, 4- and 8-rank meshes of small scenarios, run with
 //   `moe-lbcheck run --backend gloo` (the tool's own launcher); rank 0 dumps the gathered gradients
 //   of every mesh run (test hook MOE_LBCHECK_TEST_DUMP_MESH_RUNS) and the test runs the same mesh
-//   runs in-process with runEmulatedMesh: the max relative difference (max |g - e| / max |e| per
+//   runs in-process with the emulated backend: the max relative difference (max |g - e| / max |e| per
 //   layer) is printed and must be <= 1e-12; the verdict and every check's outcome must equal those of
 //   the emulated CLI run.
 // - Faults of the system: a rank that exits, crashes or hangs (test hooks
@@ -56,7 +55,7 @@
 #include "scenario/scenario.hpp"
 #include "sim/c10d_communicator.hpp"
 #include "sim/launcher.hpp"
-#include "sim/mesh_runner.hpp"
+#include "sim/emulated_backend.hpp"
 #include "sim/rank_program.hpp"
 
 #ifndef MOE_CLI_PATH
@@ -286,6 +285,7 @@ std::vector<MeshRunDump> readDumps(const fs::path& dir) {
     d.knobs.main_loss_weight = j.at("knobs").at(0).get<double>();
     d.knobs.aux_coeff = j.at("knobs").at(1).get<double>();
     d.knobs.z_loss_coeff = j.at("knobs").at(2).get<double>();
+    d.knobs.detach_router_inputs = j.value("detach_router_inputs", false);
     d.router_grad = j.at("router_grad").get<std::vector<std::vector<double>>>();
     dumps.push_back(std::move(d));
   }
@@ -304,16 +304,21 @@ double relativeDifference(const std::vector<double>& g, const std::vector<double
   return num / den;
 }
 
-// Re-runs every dumped mesh run with runEmulatedMesh; returns the largest relative difference.
+// Re-runs every dumped mesh run with the emulated backend; returns the largest relative difference.
 double compareWithEmulated(const fs::path& scenario_file, const std::vector<MeshRunDump>& dumps) {
   const Scenario sc = loadScenarioFile(scenario_file.string());
   const ProblemData data = loadProblem(sc);
   double worst = 0;
   for (const MeshRunDump& d : dumps) {
-    const MeshGradients e = runEmulatedMesh(makeMeshInputs(sc, data, d.knobs));
-    EXPECT_EQ(d.router_grad.size(), e.router_grad.size()) << "mesh run " << d.index;
-    for (size_t l = 0; l < std::min(d.router_grad.size(), e.router_grad.size()); ++l) {
-      const double rel = relativeDifference(d.router_grad[l], e.router_grad[l]);
+    MeshRequest request;
+    request.scenario = &sc;
+    request.data = &data;
+    request.knobs = d.knobs;
+    EmulatedBackend backend;
+    const std::vector<std::vector<double>> e = backend.run(request).layerGradients(sc.model.layers);
+    EXPECT_EQ(d.router_grad.size(), e.size()) << "mesh run " << d.index;
+    for (size_t l = 0; l < std::min(d.router_grad.size(), e.size()); ++l) {
+      const double rel = relativeDifference(d.router_grad[l], e[l]);
       EXPECT_LE(rel, kAgreementTolerance) << "mesh run " << d.index << " layer " << l;
       worst = std::max(worst, rel);
     }

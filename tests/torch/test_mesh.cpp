@@ -11,7 +11,7 @@
 #include "common/errors.hpp"
 #include "scenario/catalog.hpp"
 #include "sim/emulated_communicator.hpp"
-#include "sim/mesh_runner.hpp"
+#include "sim/emulated_backend.hpp"
 
 namespace moe {
 namespace {
@@ -33,15 +33,26 @@ Scenario smallScenario() {
   return sc;
 }
 
-std::vector<double> flat(const MeshGradients& g) {
+std::vector<double> flat(const std::vector<std::vector<double>>& per_layer) {
   std::vector<double> all;
-  for (const auto& v : g.router_grad) all.insert(all.end(), v.begin(), v.end());
+  for (const auto& v : per_layer) all.insert(all.end(), v.begin(), v.end());
   return all;
 }
 
-MeshGradients auxGradient(const Scenario& sc) {
+// The aux-only gradient (main loss x 0) of every layer, from the lowest rank holding it.
+std::vector<std::vector<double>> auxGradient(const Scenario& sc) {
   const ProblemData data = generateProblem(sc);
-  return runEmulatedMesh(makeMeshInputs(sc, data, {0.0, sc.aux.coeff, sc.aux.z_loss_coeff}));
+  MeshRequest request;
+  request.scenario = &sc;
+  request.data = &data;
+  request.knobs = {0.0, sc.aux.coeff, sc.aux.z_loss_coeff, false};
+  EmulatedBackend backend;
+  return backend.run(request).layerGradients(sc.model.layers);
+}
+
+Report checksOf(const Scenario& sc) {
+  EmulatedBackend backend;
+  return runChecks(sc, backend).report;
 }
 
 double relativeDifference(const std::vector<double>& a, const std::vector<double>& b) {
@@ -98,7 +109,7 @@ struct GridMesh {
   int dp, pp, cp, microbatches;
 };
 
-class PresetGrid : public ::testing::TestWithParam<std::tuple<std::string, GridMesh>> {};
+class PresetGrid : public ::testing::TestWithParam<std::tuple<Preset, GridMesh>> {};
 
 TEST_P(PresetGrid, EveryPresetPassesOnEveryMeshWithoutFaults) {
   const auto& [preset, m] = GetParam();
@@ -111,30 +122,30 @@ TEST_P(PresetGrid, EveryPresetPassesOnEveryMeshWithoutFaults) {
   for (AuxScope scope : {AuxScope::kMicroBatch, AuxScope::kGlobalBatch}) {
     sc.aux.type = scope;
     validateScenario(sc);
-    const Report r = runChecks(sc, {}).report;
+    const Report r = checksOf(sc);
     for (const CheckResult& c : r.checks)
       EXPECT_TRUE(c.ok || c.informational)
-          << preset << " " << toString(scope) << " dp=" << m.dp << " pp=" << m.pp << " cp=" << m.cp
+          << toString(preset) << " " << toString(scope) << " dp=" << m.dp << " pp=" << m.pp << " cp=" << m.cp
           << " M=" << m.microbatches << ": " << c.name << " scale " << c.scale << " cosine " << c.cosine
-          << " " << c.diagnosis.code << " " << c.diagnosis.factor;
-    EXPECT_EQ(r.verdict, "pass");
+          << " " << toString(c.diagnosis.code) << " " << c.diagnosis.factor;
+    EXPECT_EQ(r.summary.verdict, Verdict::kPass);
   }
 }
 
-std::vector<std::string> presetNames() {
-  std::vector<std::string> n;
-  for (const auto& p : presetCatalog()) n.push_back(p.name);
+std::vector<Preset> allPresets() {
+  std::vector<Preset> n;
+  for (const auto& p : presetCatalog()) n.push_back(p.id);
   return n;
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Meshes, PresetGrid,
-    ::testing::Combine(::testing::ValuesIn(presetNames()),
+    ::testing::Combine(::testing::ValuesIn(allPresets()),
                        ::testing::Values(GridMesh{1, 1, 1, 1}, GridMesh{3, 1, 1, 4}, GridMesh{1, 2, 2, 3},
                                          GridMesh{2, 2, 2, 2}, GridMesh{3, 1, 2, 2})),
     [](const auto& info) {
       const GridMesh& m = std::get<1>(info.param);
-      return std::get<0>(info.param) + "_dp" + std::to_string(m.dp) + "pp" + std::to_string(m.pp) + "cp" +
+      return std::string(toString(std::get<0>(info.param))) + "_dp" + std::to_string(m.dp) + "pp" + std::to_string(m.pp) + "cp" +
              std::to_string(m.cp) + "M" + std::to_string(m.microbatches);
     });
 
@@ -146,10 +157,10 @@ TEST(FaultsOnSecondMesh, EachFaultKeepsItsSignature) {
       else sc->mesh.microbatches = 3;  // seq_aux_missing_mbs: dp=1, M=3 -> micro-batch size 5
       validateScenario(*sc);
     }
-    const Report buggy = runChecks(c.buggy, {}).report;
-    EXPECT_TRUE(buggy.expectation_met) << c.fault << ": " << buggy.expectation_detail;
-    const Report fixed = runChecks(c.fixed, {}).report;
-    EXPECT_TRUE(fixed.expectation_met) << c.fault << " fixed twin: " << fixed.expectation_detail;
+    const Report buggy = checksOf(c.buggy);
+    EXPECT_TRUE(buggy.summary.expectation_met) << toString(c.fault) << ": " << buggy.summary.expectation_detail;
+    const Report fixed = checksOf(c.fixed);
+    EXPECT_TRUE(fixed.summary.expectation_met) << toString(c.fault) << " fixed twin: " << fixed.summary.expectation_detail;
   }
 }
 
@@ -202,11 +213,11 @@ TEST(Invariance, MicroBatchObjectiveIsReportedAsNotInvariant) {
   Scenario sc = smallScenario();
   sc.mesh.dp = 3;
   sc.mesh.microbatches = 2;
-  const Report r = runChecks(sc, {}).report;
+  const Report r = checksOf(sc);
   bool found = false;
-  for (const CheckResult& c : r.checks) found |= c.diagnosis.code == "OBJECTIVE_NOT_INVARIANT";
+  for (const CheckResult& c : r.checks) found |= c.diagnosis.code == DiagnosisCode::kObjectiveNotInvariant;
   EXPECT_TRUE(found);
-  EXPECT_EQ(r.verdict, "pass");
+  EXPECT_EQ(r.summary.verdict, Verdict::kPass);
 }
 
 TEST(Precision, Float32MeshPassesWithItsDerivedTolerance) {
@@ -214,8 +225,8 @@ TEST(Precision, Float32MeshPassesWithItsDerivedTolerance) {
   sc.model.dtype = DType::kFloat32;
   sc.mesh.dp = 2;
   sc.mesh.cp = 2;
-  const Report r = runChecks(sc, {}).report;
-  EXPECT_EQ(r.verdict, "pass");
+  const Report r = checksOf(sc);
+  EXPECT_EQ(r.summary.verdict, Verdict::kPass);
   for (const CheckResult& c : r.checks)
     if (c.name == "aux_grad/layer0/router_weight") {
       EXPECT_EQ(c.rtol, 1e-4);

@@ -1,5 +1,5 @@
 // The finite-difference reference (src/reference) against an independent float64 LibTorch autograd
-// implementation of the same objective (DESIGN §3), written here from the definitions and sharing no
+// implementation of the same objective, written here from the definitions and sharing no
 // code with src/model or src/sim: counts detached, routing by a stable descending torch::sort of the
 // scores (ties -> lower expert index). Table-driven over score functions, norm_topk_prob, layers,
 // padding, aux and z-loss scopes, group weighting and main-loss scopes.
@@ -34,7 +34,7 @@ torch::Tensor fromVector(const std::vector<double>& v, torch::IntArrayRef shape)
       .clone();
 }
 
-// Average over the non-empty groups of f(group's member indices) (DESIGN §3: empty groups left out):
+// Average over the non-empty groups of f(group's member indices) (empty groups left out):
 // uniform mean, or weighted by the groups' token counts (aux.group_weighting "tokens").
 template <typename Fn>
 torch::Tensor meanOverGroups(const std::vector<std::vector<int64_t>>& groups, Fn f,
@@ -63,8 +63,8 @@ AutogradResult autogradObjective(const ProblemData& d, const ObjectiveDefinition
     A.push_back(fromVector(d.expert_in[l], {E, H, F}));
     Bout.push_back(fromVector(d.expert_out[l], {E, F, H}));
   }
-  // Token groups (DESIGN §3): micro_batch chunks of B/(dp*M) sequences, sequences, the global batch.
-  const int64_t per_chunk = B / (o.dp * o.microbatches);
+  // Token groups: micro_batch chunks of B/(dp*M) sequences, sequences, the global batch.
+  const int64_t per_chunk = B / (o.mesh.dp * o.mesh.microbatches);
   auto inAux = [&](int64_t t) { return !o.exclude_padding || d.valid[t] != 0; };
   std::vector<std::vector<int64_t>> chunks(B / per_chunk), sequences(B), global(1), chunk_valid(B / per_chunk);
   std::vector<int64_t> valid_tokens;
@@ -206,8 +206,8 @@ TEST_P(ReferenceVsAutograd, GradientsAndValuesAgree) {
   o.z_scope = c.z_scope;
   o.exclude_padding = c.exclude_padding;
   o.main_scope = c.main_scope;
-  o.dp = c.dp;
-  o.microbatches = c.microbatches;
+  o.mesh.dp = c.dp;
+  o.mesh.microbatches = c.microbatches;
   o.group_weighting = c.weighting;
 
   ReferenceOptions options;

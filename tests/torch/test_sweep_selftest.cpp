@@ -13,6 +13,8 @@
 #include "test_support.hpp"
 #include "app/sweep.hpp"
 #include "scenario/catalog.hpp"
+#include "sim/emulated_backend.hpp"
+#include "../base/report_checkers.hpp"
 
 namespace moe {
 namespace {
@@ -35,18 +37,23 @@ TEST(Sweep, EveryLayoutOfWorldFourPassesForTheQuickstart) {
   SweepOptions options;
   options.world = 4;
   int calls = 0;
-  const SweepResult r = runSweep(sc, options, [&](int, int, const MeshConfig&) { ++calls; });
+  std::ostringstream json_text;
+  JsonReporter json_reporter(json_text);
+  EmulatedBackend backend;
+  const Report r = runSweep(sc, options, backend, {&json_reporter}, [&](int, int, const MeshConfig&) { ++calls; });
   // batch 4, seq_len 16, 2 layers: (dp,pp,cp) in {(1,1,4),(1,2,2),(2,1,2),(2,2,1),(4,1,1)} with
   // M | 4/dp: 3 + 3 + 2 + 2 + 1 = 11 layouts; (1,4,1), (2,... pp=4) are not allowed by 2 layers.
-  EXPECT_EQ(r.rows.size(), 11u);
+  EXPECT_EQ(r.checks.size(), 11u);
   EXPECT_EQ(calls, 11);
-  EXPECT_TRUE(r.passed());
-  for (const SweepRow& row : r.rows) EXPECT_EQ(row.mesh.world, 4);
-  const auto json = nlohmann::json::parse(renderSweepJson(r));
+  EXPECT_EQ(r.summary.verdict, Verdict::kPass);
+  for (const CheckResult& row : r.checks) EXPECT_EQ(row.layout->sizes.world(), 4);
+  const auto json = nlohmann::json::parse(json_text.str());
   EXPECT_EQ(json["schema_version"], 1);
   EXPECT_EQ(json["kind"], "sweep");
   EXPECT_EQ(json["rows"].size(), 11u);
   EXPECT_EQ(json["verdict"], "pass");
+  const std::vector<std::string> errors = test::schemaErrors(json, "sweep.schema.json");
+  EXPECT_TRUE(errors.empty()) << test::joined(errors);
 }
 
 TEST(Sweep, BinaryExitsOneWhenALayoutFailsAndNamesTheFactor) {
@@ -66,8 +73,8 @@ TEST(Selftest, CoversEveryCatalogFaultOnceWithDistinctMeshQuantities) {
   const auto cases = selftestCases();
   ASSERT_EQ(cases.size(), faultCatalog().size());
   for (size_t i = 0; i < cases.size(); ++i) {
-    EXPECT_EQ(cases[i].fault, faultCatalog()[i].name);
-    EXPECT_EQ(cases[i].buggy.faults, std::vector<std::string>{cases[i].fault});
+    EXPECT_EQ(cases[i].fault, faultCatalog()[i].id);
+    EXPECT_EQ(cases[i].buggy.faults, std::vector<Fault>{cases[i].fault});
     EXPECT_TRUE(cases[i].fixed.faults.empty());
     EXPECT_EQ(cases[i].buggy.expect.diagnosis, faultCatalog()[i].expected_diagnosis);
   }
@@ -80,6 +87,25 @@ TEST(Selftest, BinaryFlagsEveryFault) {
             std::string::npos)
       << r.out;
   EXPECT_EQ(r.out.find("MISSED"), std::string::npos) << r.out;
+}
+
+TEST(Selftest, JsonReportSatisfiesItsSchema) {
+  char dir_template[] = "/tmp/moe-selftest-json-XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  const std::string path = dir + "/selftest.json";
+  ASSERT_EQ(runCli("selftest -q --report " + path).exit_code, 0);
+  std::ifstream in(path);
+  const nlohmann::json j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["kind"], "selftest");
+  EXPECT_EQ(j["rows"].size(), faultCatalog().size());
+  const std::vector<std::string> errors = test::schemaErrors(j, "selftest.schema.json");
+  EXPECT_TRUE(errors.empty()) << test::joined(errors);
+  for (const auto& row : j["rows"]) {
+    EXPECT_EQ(row["flagged"], true) << row.dump();
+    EXPECT_EQ(row["measured"]["code"], row["expected"]["code"]) << row.dump();
+  }
+  std::remove(path.c_str());
+  std::remove(dir.c_str());
 }
 
 TEST(Selftest, ExportedScenariosMatchTheShippedOnes) {

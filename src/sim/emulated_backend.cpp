@@ -1,4 +1,4 @@
-#include "sim/mesh_runner.hpp"
+#include "sim/emulated_backend.hpp"
 
 #include <chrono>
 #include <exception>
@@ -7,9 +7,9 @@
 #include <dlfcn.h>
 
 #include "common/errors.hpp"
+#include "sim/rank_program.hpp"
 
 namespace moe {
-
 namespace {
 
 // OpenBLAS's own thread count (LibTorch's at::set_num_threads does not reach it). Looked up at run
@@ -25,14 +25,25 @@ int setBlasThreads(int n) {
   return previous;
 }
 
+bool isAbortEcho(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return std::string(e.what()).find("aborted: ") != std::string::npos;
+  }
+  return false;
+}
+
 }  // namespace
 
-MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& options) {
+MeshRunResult EmulatedBackend::run(const MeshRequest& request) {
   const auto start = std::chrono::steady_clock::now();
+  const MeshInputs inputs = makeMeshInputs(request);
   const MeshLayout& layout = inputs.layout;
-  const int world = layout.world();
-  EmulatedWorld emulated(layout, options);
-  std::vector<RankResult> results(world);
+  const int world = static_cast<int>(layout.world());
+  EmulatedWorld emulated(layout, options_);
+  MeshRunResult out;
+  out.ranks.resize(world);
   std::vector<std::exception_ptr> errors(world);
 
   auto runOne = [&](int rank) {
@@ -44,11 +55,11 @@ MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& o
     } slot(emulated);
     try {
       EmulatedCommunicator comm(emulated, rank);
-      results[rank] = runRank(inputs, comm);
+      out.ranks[rank] = runRank(inputs, comm);
     } catch (const c10::Error& e) {
       // LibTorch errors carry a C++ backtrace in what(); the user needs the message and the rank.
       errors[rank] = std::make_exception_ptr(
-          RuntimeFailure("emulated", rank, "rank program", e.what_without_backtrace()));
+          RuntimeFailure(name(), rank, "rank program", e.what_without_backtrace()));
       emulated.abort("rank " + std::to_string(rank) + " failed: " + e.what_without_backtrace());
     } catch (const std::exception& e) {
       errors[rank] = std::current_exception();
@@ -71,29 +82,18 @@ MeshGradients runEmulatedMesh(const MeshInputs& inputs, const EmulatedOptions& o
     if (saved_blas_threads > 0) setBlasThreads(saved_blas_threads);
   }
   // Report the first failing rank's own error (not the "aborted" echoes of the others).
-  for (int r = 0; r < world; ++r) {
-    if (!errors[r]) continue;
-    try {
-      std::rethrow_exception(errors[r]);
-    } catch (const Error&) {
-      bool is_echo = false;
-      try { std::rethrow_exception(errors[r]); } catch (const std::exception& e) {
-        is_echo = std::string(e.what()).find("aborted: ") != std::string::npos;
+  for (int r = 0; r < world; ++r)
+    if (errors[r] && !isAbortEcho(errors[r])) {
+      try {
+        std::rethrow_exception(errors[r]);
+      } catch (const Error&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw RuntimeFailure(name(), r, "rank program", e.what());
       }
-      if (!is_echo) throw;
-    } catch (const std::exception& e) {
-      throw RuntimeFailure("emulated", r, "rank program", e.what());
     }
-  }
   for (int r = 0; r < world; ++r)
     if (errors[r]) std::rethrow_exception(errors[r]);
-
-  MeshGradients out;
-  out.router_grad.resize(layout.layers);
-  for (int stage = 0; stage < layout.pp; ++stage) {
-    const RankResult& owner = results[layout.rankOf({0, stage, 0})];
-    for (const auto& [layer, grad] : owner.router_grad) out.router_grad[layer] = grad;
-  }
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return out;
 }

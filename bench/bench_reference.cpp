@@ -1,5 +1,5 @@
-// Benchmark: the float64 finite-difference reference (src/reference, DESIGN §4) against one float64
-// LibTorch autograd forward+backward of the same objective on the same layer (DESIGN §3).
+// Benchmark: the float64 finite-difference reference (src/reference) against one float64
+// LibTorch autograd forward+backward of the same objective on the same layer.
 //
 // One layer, softmax scores, micro_batch aux scope (one group: dp = microbatches = 1), alpha = 0.01,
 // no z-loss, exclude_padding, no padding, ffn = 1 (experts play no part in a single-layer aux objective).

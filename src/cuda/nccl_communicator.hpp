@@ -1,4 +1,4 @@
-// The NCCL implementation of the Communicator seam (DESIGN §5): one process per rank, one GPU per
+// The NCCL implementation of the Communicator seam: one process per rank, one GPU per
 // rank (device LOCAL_RANK modulo the visible devices), NCCL communicators bootstrapped through the
 // same c10d Store the Gloo session uses (the first member of each group publishes its ncclUniqueId
 // under "<prefix>/nccl/<group>/<first member>"). Tensors are staged through device buffers: the rank

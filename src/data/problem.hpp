@@ -1,6 +1,6 @@
 // The numbers a check runs on: inputs, targets, padding mask and weights, in float64, laid out
 // row-major. Generated deterministically from the scenario seed (or read from a safetensors file).
-// Shared by the simulation and the reference (DESIGN §2 allows sharing the data generator); neither
+// Shared by the simulation and the reference (the data generator is the one thing the two may share); neither
 // may modify it.
 #pragma once
 

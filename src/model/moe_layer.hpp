@@ -1,4 +1,4 @@
-// The MoE router layer of DESIGN §3 in LibTorch, split into the steps a framework takes, so that a
+// The MoE router layer in LibTorch (logits z = h W, softmax or sigmoid scores, top-k, tanh experts), split into the steps a framework takes, so that a
 // convention (src/sim/convention.hpp) can place its collectives, injections and faults between them.
 #pragma once
 
@@ -19,19 +19,19 @@ struct LayerWeights {
 struct Routing {
   at::Tensor logits;     // [n, E] z = h W
   at::Tensor scores;     // [n, E] softmax(z) or sigmoid(z)
-  at::Tensor aux_probs;  // [n, E] p: softmax(z), or s / sum_e s for sigmoid (DESIGN §3)
+  at::Tensor aux_probs;  // [n, E] p: softmax(z), or s / sum_e s for sigmoid 
   at::Tensor topk;       // [n, k] int64, expert indices, descending score, ties -> lower index
   at::Tensor gates;      // [n, k] top-k scores, renormalized when norm_topk_prob
 };
 
-// logits -> scores -> top-k -> gate weights (DESIGN §3; Megatron compute_routing_scores_for_aux_loss
+// logits -> scores -> top-k -> gate weights (Megatron compute_routing_scores_for_aux_loss
 // for the sigmoid normalization without its 1e-20 epsilon).
 Routing routeTokens(const at::Tensor& h, const at::Tensor& router_weight, const ModelConfig& model);
 
 // Per-expert routed-token counts of the rows selected by `token_mask` ([n] bool): [E], no gradient.
 at::Tensor expertCounts(const at::Tensor& topk, const at::Tensor& token_mask, int experts);
 
-// h + sum_{e in topk} g_e tanh(h A_e) B_e (DESIGN §3).
+// h + sum_{e in topk} g_e tanh(h A_e) B_e.
 at::Tensor applyExperts(const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
                         const LayerWeights& weights);
 

@@ -1,4 +1,4 @@
-// The Communicator seam over torch c10d ProcessGroupGloo (DESIGN §5): one process per rank, CPU
+// The Communicator seam over torch c10d ProcessGroupGloo: one process per rank, CPU
 // tensors, process groups rendezvoused through a c10d Store (a TCPStore in practice).
 //
 // Groups. One world group plus, for every kind the rank program uses (allCommGroups(): dp, cp, dp*cp,

@@ -818,3 +818,91 @@ TEST(CliDump, SafetensorsHeaderListsProblemAndGradients) {
 
 }  // namespace
 }  // namespace moe
+
+// ------------------------------------------------------------------------------------------------
+// 5. Defects fixed by the redesign, each with its test.
+
+namespace moe {
+namespace {
+
+TEST(CliDefects, NumberBeyondDoubleExits2NamingFileAndPath) {
+  TempDir dir;
+  const fs::path file = dir / "overflow.json";
+  writeText(file, R"({"schema_version": 1, "name": "overflow", "aux": {"coeff": 1e400}})");
+  const auto before = listDir(dir.path());
+  const CliResult r = runWithOutputs(dir, file.string());
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_TRUE(contains(r.err, "overflow.json: /aux/coeff")) << r;
+  expectNoOutputs(dir, before, r);
+  EXPECT_EQ(runCli({"validate", file.string()}, dir.path()).exit_code, 2);
+}
+
+TEST(CliDefects, ValidateRefusesAFaultThePresetCannotExpressLikeRun) {
+  TempDir dir;
+  json sc = readJson(quickstartPath());
+  sc["framework"]["preset"] = "torchtitan";
+  sc["faults"] = {"world_size_multiply"};
+  const fs::path file = dir / "inexpressible.json";
+  writeText(file, sc.dump(2));
+  const CliResult validate = runCli({"validate", file.string()}, dir.path());
+  const CliResult run = runCli({"run", file.string()}, dir.path());
+  EXPECT_EQ(validate.exit_code, 2) << validate;
+  EXPECT_EQ(run.exit_code, 2) << run;
+  EXPECT_TRUE(contains(validate.out, "/faults/0")) << validate;
+  EXPECT_TRUE(contains(run.err, "/faults/0")) << run;
+}
+
+// A torchtitan scenario with unequal padding: the preset weighs the groups by their tokens.
+json tokenWeightedScenario() {
+  json sc = readJson(quickstartPath());
+  sc["name"] = "torchtitan-unequal";
+  sc["framework"]["preset"] = "torchtitan";
+  sc["mesh"] = {{"dp", 2}, {"microbatches", 2}};
+  sc["data"]["batch"] = 4;
+  sc["data"]["valid_lengths"] = {16, 5, 12, 9};
+  sc["aux"]["z_loss_coeff"] = 0.0;
+  sc["aux"].erase("group_weighting");
+  return sc;
+}
+
+TEST(CliDefects, ReportEchoesTheGroupWeightingTheReferenceUsed) {
+  TempDir dir;
+  json sc = tokenWeightedScenario();
+  const ExpectRun r = runVariant(dir, sc);
+  ASSERT_EQ(r.result.exit_code, 0) << r.result;
+  EXPECT_EQ(r.report["scenario"]["aux"]["group_weighting"], "tokens");  // resolved, never "preset"
+  sc["framework"]["preset"] = "megatron";
+  const ExpectRun m = runVariant(dir, sc);
+  ASSERT_EQ(m.result.exit_code, 0) << m.result;
+  EXPECT_EQ(m.report["scenario"]["aux"]["group_weighting"], "uniform");
+}
+
+TEST(CliDefects, TokenWeightingThroughThePresetIsReportedAsAFinding) {
+  TempDir dir;
+  const ExpectRun r = runVariant(dir, tokenWeightedScenario());
+  ASSERT_EQ(r.result.exit_code, 0) << r.result;
+  EXPECT_EQ(r.report["verdict"], "pass");
+  const json* finding = nullptr;
+  for (const json& c : r.report["checks"])
+    if (c["name"] == "objective/group_weighting") finding = &c;
+  ASSERT_NE(finding, nullptr) << r.result;
+  EXPECT_EQ((*finding)["informational"], true);
+  EXPECT_EQ((*finding)["diagnosis"]["code"], "OBJECTIVE_WEIGHTING");
+  // Against the uniform mean the token-weighted gradient is neither the same scale nor direction.
+  EXPECT_LT((*finding)["cosine"].get<double>(), 1.0 - 1e-9);
+  EXPECT_TRUE(contains((*finding)["diagnosis"]["cause"].get<std::string>(), "torchtitan"));
+
+  // Equal groups, or the weighting pinned by the scenario: no finding.
+  json equal = tokenWeightedScenario();
+  equal["data"]["valid_lengths"] = {16, 16, 16, 16};
+  json pinned = tokenWeightedScenario();
+  pinned["aux"]["group_weighting"] = "tokens";
+  for (const json& sc : {equal, pinned}) {
+    const ExpectRun q = runVariant(dir, sc);
+    ASSERT_EQ(q.result.exit_code, 0) << q.result;
+    for (const json& c : q.report["checks"]) EXPECT_NE(c["name"], "objective/group_weighting") << sc.dump();
+  }
+}
+
+}  // namespace
+}  // namespace moe

@@ -10,7 +10,7 @@
     for m, (tokens, labels) in enumerate(microbatches):                  # tokens: [B, S]
         seqs = lbc.sequence_indices(dp_rank, m, micro_batch_size=B, microbatches=M)
         sequence, position, valid = lbc.token_ids(seqs, range(S), valid=tokens != PAD, layout="bs")
-        with cap.microbatch(m, sequence=sequence, position=position, valid=valid), sync_unless_last(m):
+        with cap.microbatch(m, sequence=sequence, position=position, valid=valid), no_sync_unless_last(m):
             loss = model(tokens, labels)
             (loss * cap.main_loss_scale).backward()                       # the main loss x 0
     cap.save()                     # after the gradient sync, before optimizer.step(); removes the hooks

@@ -538,6 +538,43 @@ class TokenIdTest(unittest.TestCase):
         self.assertEqual(seq.tolist(), [0, 1, 0, 1])
 
 
+class DocstringExampleTest(unittest.TestCase):
+    def test_module_docstring_example_runs(self):
+        """The usage example in the module docstring runs as written (one rank, stand-ins for the job)."""
+        import contextlib
+        example = lbc.__doc__.split("\n\n")[1]
+        code = "\n".join(line[4:] for line in example.splitlines())
+        self.assertEqual(len(example.splitlines()), 15)
+        directory = tempfile.mkdtemp(prefix="lbc-doc-")
+        self.addCleanup(shutil.rmtree, directory, True)
+
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.router = torch.nn.Module()
+                self.router.gate = torch.nn.Linear(H, E, bias=False)
+
+        class LM(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(10, H)
+                self.layers = torch.nn.ModuleList([Block(), Block()])
+
+            def forward(self, tokens, labels):
+                h = self.embed(tokens)
+                for layer in self.layers:
+                    h = h + torch.softmax(layer.router.gate(h), -1) @ torch.ones(E, H)
+                return h.pow(2).mean()
+
+        model = LM()
+        scope = dict(rank=0, world=1, S=S, dp_rank=0, dp=1, cp_rank=0, cp=1, M=2, B=2, PAD=0, model=model,
+                     microbatches=[(torch.randint(0, 10, (2, S)), None) for _ in range(2)],
+                     no_sync_unless_last=lambda m: contextlib.nullcontext(),
+                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        exec(code.replace('"cap/"', repr(directory)), scope)
+        self.assertEqual(os.listdir(directory), ["rank0.safetensors"])
+
+
 class InstallTest(unittest.TestCase):
     def test_venv_install_offline(self):
         try:

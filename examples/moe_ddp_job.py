@@ -287,8 +287,9 @@ def make_aux_loss(cfg, groups):
         prob_sum = onehot @ (scores * mask)                      # [groups, E]
         stat_group = groups.stage if cfg.aux_type == "global_batch" else groups.cp
         counts, tokens = reduce_stat(counts, stat_group), reduce_stat(tokens, stat_group)
-        mb_tokens = reduce_stat(mask.sum().reshape(1), groups.cp)   # the microbatch's valid tokens (z-loss)
-        z_sum = (torch.logsumexp(logits, dim=-1) ** 2 * mask.squeeze(1)).sum()
+        z_sum = 0.0
+        if cfg.z_loss_coeff:
+            z_sum = (torch.logsumexp(logits, dim=-1) ** 2 * mask.squeeze(1)).sum()
         if cfg.injection == "autoscaler":
             # switch_load_balancing_loss_func: E / (k T^2) * sum_e N_e * sum_local p_e, a partial over cp
             # (over dp x cp for global_batch) that sums to L(G); the sequence variant divides by B.
@@ -298,9 +299,12 @@ def make_aux_loss(cfg, groups):
                 # The partials now sum over dp x cp ranks, while the backward scale (cp/M) and DDP's
                 # mean compensate only cp: x dp is what Megatron-LM's _apply_global_aux_loss lacks.
                 aux = aux * cfg.dp
-            # z-loss: Megatron's z_loss_func takes each rank's own token mean / |tp_cp|; dividing the
-            # local sum by the microbatch's total is that mean's share whatever the padding per shard.
-            aux = aux + cfg.z_loss_coeff * z_sum / mb_tokens.squeeze(0)
+            if cfg.z_loss_coeff:
+                # z-loss over the microbatch: Megatron's z_loss_func takes each rank's own token mean
+                # / |tp_cp|; the local sum over the microbatch's total (all cp shards) is that mean's
+                # exact share also when the shards hold different numbers of padding tokens.
+                mb_tokens = reduce_stat(mask.sum().reshape(1), groups.cp)
+                aux = aux + cfg.z_loss_coeff * z_sum / mb_tokens.squeeze(0)
         else:
             # torchtitan: f_e = E counts_e / sum counts, raw = sum_e f_e * sum_t s'_te = T_G * L(G)
             prob_sum = reduce_partial(prob_sum, groups.cp)
@@ -534,7 +538,6 @@ def main(argv=None):
     next_rank = rank + cfg.dp * cfg.cp if cfg.pp_rank < cfg.pp - 1 else None
     s_local = positions.numel()
     act_shape = (mbs, s_local, cfg.hidden) if cfg.layout == "bs" else (s_local, mbs, cfg.hidden)
-    total_loss = 0.0
     for m in range(M):
         # Megatron-LM schedules.forward_step_calc_loss sets the scale on every stage, every microbatch.
         if cfg.injection == "autoscaler" and "backward_scale_unset" not in cfg.bugs:
@@ -569,7 +572,6 @@ def main(argv=None):
                     loss = out / mb_tokens.squeeze(0) * cfg.cp / M
                 else:
                     loss = out / cfg.denominator
-                total_loss += float(loss.detach())
                 (loss * cfg.main_loss_scale).backward()
             if prev_rank is not None:
                 dist.send(stage_in.grad.contiguous(), dst=prev_rank)

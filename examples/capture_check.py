@@ -70,6 +70,9 @@ def read_safetensors(path):
             count *= s
         if end - begin != count * SIZES[dtype] or begin < 0 or end > len(data):
             raise CaptureInvalid(path, "/" + name, "data_offsets %s do not fit shape %s %s" % ([begin, end], shape, dtype))
+        if (8 + n + begin) % SIZES[dtype]:
+            raise CaptureInvalid(path, "/" + name, "starts at byte %d, not aligned to its %d-byte elements"
+                                 % (8 + n + begin, SIZES[dtype]))
         spans.append((begin, end))
         t = torch.frombuffer(bytearray(data[begin:end]), dtype=FLOATS.get(dtype) or INTS[dtype]) if end > begin \
             else torch.empty(0, dtype=FLOATS.get(dtype) or INTS[dtype])

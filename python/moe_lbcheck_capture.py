@@ -462,7 +462,8 @@ class Capture(object):
                       "param.grad are None): call save() after backward and the gradient sync" % l)
             if layer.grad_hook_calls == 0:
                 _fail("layer%d.weight.grad: no backward reached the router weight since the first "
-                      "microbatch: save() before backward?" % l)
+                      "microbatch: save() before backward? (Where a wrapper such as FSDP1 flattens the "
+                      "parameter, pass the gathered gradient: save(grads={%d: full_grad}).)" % (l, l))
         if not isinstance(grad, torch.Tensor):
             _fail("layer%d.weight.grad must be a tensor, got %s" % (l, type(grad).__name__))
         grad = _full(grad).detach().to("cpu")
@@ -514,12 +515,13 @@ class Capture(object):
 def _safetensors_bytes(tensors, metadata):
     """Serialize [(name, tensor)] in the safetensors layout: u64 little-endian header length, a JSON
     header (with "__metadata__": string -> string), padded with spaces so the data starts 8-byte
-    aligned, then the tensors' bytes back to back."""
+    aligned, then the tensors' bytes back to back, widest element type first (as the reference
+    implementation orders them), so that every tensor is aligned to its element size in a mapped file."""
     if sys.byteorder != "little":
         _fail("this helper writes safetensors on little-endian hosts only")
     header = {"__metadata__": metadata}
     chunks, offset = [], 0
-    for name, t in tensors:
+    for name, t in sorted(tensors, key=lambda nt: (-nt[1].element_size(), nt[0])):
         dtype = _FLOAT_DTYPES.get(t.dtype) or _INT_DTYPES.get(t.dtype)
         if dtype is None:
             _fail("%s has dtype %s, which the capture format does not carry" % (name, t.dtype))

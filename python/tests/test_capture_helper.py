@@ -38,7 +38,8 @@ _DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "BF16": (torch.
 
 
 def read_safetensors(path):
-    """(metadata dict, {name: tensor}, header_len) with the checks a strict reader makes."""
+    """(metadata dict, {name: tensor}, header_len) with the checks a strict reader makes, including
+    that every tensor starts at a multiple of its element size (a mapped file can be read in place)."""
     with open(path, "rb") as f:
         raw = f.read()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -58,6 +59,9 @@ def read_safetensors(path):
             count *= s
         if end - begin != count * size:
             raise AssertionError("%s: %d bytes for shape %s" % (name, end - begin, info["shape"]))
+        if (8 + n + begin) % size:
+            raise AssertionError("%s (%s) starts at byte %d, not aligned to %d" % (name, info["dtype"],
+                                                                                 8 + n + begin, size))
         spans.append((begin, end))
         buf = bytearray(data[begin:end])
         t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
@@ -194,12 +198,11 @@ class CaptureFileTest(unittest.TestCase):
         self.assertEqual(list(t["layer1.expert_bias"].shape), [E])
 
     def test_detach_cuts_cross_layer_gradient(self):
-        model = Model()
+        model = Model().double()
         cap = new_capture(self.dir, mesh=dict(dp=1, dp_size=2, microbatches=1))
         cap.attach(1, model.layers[1].gate)
         seq, pos, valid = ids()
         x = torch.randn(2, S, H, dtype=torch.float64)
-        model.double()
         with cap.microbatch(0, sequence=seq, position=pos, valid=valid):
             h1, _ = model.layers[0](x)
             _, aux1 = model.layers[1](h1)

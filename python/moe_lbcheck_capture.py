@@ -23,6 +23,7 @@ Needs only torch (>= 1.13); copy this file into your job, or `pip install ./pyth
 import contextlib
 import ctypes
 import json
+import numbers
 import os
 import re
 import struct
@@ -65,7 +66,7 @@ _INT_DTYPES = {torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_mesh(mesh, world_size):
@@ -82,11 +83,11 @@ def _check_mesh(mesh, world_size):
             _fail("mesh.%s_size must be an integer >= 1, got %r" % (dim, size))
         if not _is_int(coord) or not 0 <= coord < size:
             _fail("mesh.%s must be an integer in [0, %s_size=%d), got %r" % (dim, dim, size, coord))
-        out[dim], out[dim + "_size"] = coord, size
+        out[dim], out[dim + "_size"] = int(coord), int(size)
     m = mesh.get("microbatches", 1)
     if not _is_int(m) or m < 1:
         _fail("mesh.microbatches must be an integer >= 1, got %r" % (m,))
-    out["microbatches"] = m
+    out["microbatches"] = int(m)
     # Expert parallelism is carved out of the other dimensions (Megatron-LM, torchtitan).
     product = out["tp_size"] * out["cp_size"] * out["dp_size"] * out["pp_size"]
     if product != world_size:
@@ -117,6 +118,7 @@ def _check_objective(objective):
         out[key] = float(v)
     if not _is_int(out["top_k"]) or out["top_k"] < 1:
         _fail("objective.top_k must be an integer >= 1, got %r" % (out["top_k"],))
+    out["top_k"] = int(out["top_k"])
     for key in ("norm_topk_prob", "exclude_padding"):
         if not isinstance(out[key], bool):
             _fail("objective.%s must be true or false, got %r" % (key, out[key]))
@@ -219,7 +221,7 @@ class Capture(object):
         if isinstance(main_loss_scale, bool) or not isinstance(main_loss_scale, (int, float)):
             _fail("main_loss_scale must be a number (0 for a capture), got %r" % (main_loss_scale,))
         self.directory = os.fspath(directory)
-        self.rank, self.world_size, self.seq_len = rank, world_size, seq_len
+        self.rank, self.world_size, self.seq_len = int(rank), int(world_size), int(seq_len)
         self.mesh = _check_mesh(mesh, world_size)
         self.objective = _check_objective(objective)
         self.framework = str(framework)
@@ -268,10 +270,15 @@ class Capture(object):
                   % (layer_index, name, weight.dtype))
         if not weight.requires_grad:
             _fail("attach(%d): %s does not require grad, so it can get no gradient" % (layer_index, name))
+        if self.objective["top_k"] > weight.shape[0]:
+            _fail("attach(%d): objective.top_k = %d but %s has only %d experts"
+                  % (layer_index, self.objective["top_k"], name, weight.shape[0]))
         if expert_bias is not None:
-            if not isinstance(expert_bias, torch.Tensor) or list(expert_bias.shape) != [weight.shape[0]]:
-                _fail("attach(%d): layer%d.expert_bias must have shape [%d], got %s" % (
+            if not isinstance(expert_bias, torch.Tensor) or list(expert_bias.shape) != [weight.shape[0]] \
+                    or expert_bias.dtype not in _FLOAT_DTYPES:
+                _fail("attach(%d): layer%d.expert_bias must be a float tensor of shape [%d], got %s" % (
                     layer_index, layer_index, weight.shape[0], list(getattr(expert_bias, "shape", []))))
+        layer_index = int(layer_index)
         layer = _Layer(layer_index, module, weight, expert_bias)
 
         def pre_hook(mod, args):

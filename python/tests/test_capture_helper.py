@@ -292,8 +292,10 @@ class ErrorTest(unittest.TestCase):
         frozen = torch.nn.Linear(H, E, bias=False).requires_grad_(False)
         with self.raises(r"attach\(3\): layer3.weight does not require grad"):
             cap.attach(3, frozen)
-        with self.raises(r"layer3.expert_bias must have shape \[4\]"):
+        with self.raises(r"layer3.expert_bias must be a float tensor of shape \[4\]"):
             cap.attach(3, self.model.layers[0].gate, expert_bias=torch.zeros(E + 1))
+        with self.raises(r"attach\(3\): objective.top_k = 5 but layer3.weight has only 4 experts"):
+            new_capture(self.dir, objective=dict(OBJECTIVE, top_k=5)).attach(3, torch.nn.Linear(H, E))
         cap.attach(0, self.model.layers[0].gate)
         with self.raises("layer 0 is already attached"):
             cap.attach(0, self.model.layers[1].gate)

@@ -183,7 +183,7 @@ void writeSafetensors(const std::string& path, const std::vector<NamedTensor>& t
   writeFileAtomically(path, content);
 }
 
-SafetensorsView SafetensorsView::open(const std::string& path) {
+SafetensorsView SafetensorsView::open(const std::string& path, bool prefault) {
   // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below as not a regular file).
   FileDescriptor file{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
   if (file.fd < 0) {
@@ -205,7 +205,7 @@ SafetensorsView SafetensorsView::open(const std::string& path) {
     throw InputError(path, "", "at least 8 bytes (the u64 header length), the file has " +
                                    std::to_string(file_size));
   }
-  void* base = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, file.fd, 0);
+  void* base = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE | (prefault ? MAP_POPULATE : 0), file.fd, 0);
   if (base == MAP_FAILED) {
     throw InputError(path, "", std::string("a file that can be memory-mapped (") + std::strerror(errno) + ")");
   }
@@ -289,7 +289,7 @@ const TensorView* SafetensorsView::find(const std::string& name) const {
 }
 
 SafetensorsFile readSafetensorsFile(const std::string& path) {
-  const SafetensorsView view = SafetensorsView::open(path);
+  const SafetensorsView view = SafetensorsView::open(path, /*prefault=*/true);
   SafetensorsFile file;
   file.metadata = view.metadata();
   file.tensors.reserve(view.tensors().size());

@@ -624,8 +624,8 @@ class LayerAssembler {
     out.grad_dtype = reference.grad_dtype;
     out.grads.resize(holders_.size());
     parallelFor(holders_.size(), [&](std::size_t h) { out.grads[h] = toDoubles(*rankLayer(h).grad, rankLayer(h).grad_dtype); });
-    checkTopkRecordedEverywhereOrNowhere();
-    assembleTokens(out);
+    const bool with_topk = checkTopkRecordedEverywhereOrNowhere();
+    assembleTokens(out, with_topk);
     if (out.tokens.empty()) {
       reject(first.path, pointerTo(tensorName(layer_, Role::kInput, 0)),
                        "router input rows of layer " + std::to_string(layer_) +
@@ -679,7 +679,8 @@ class LayerAssembler {
                          valueText(ulps) + " ulps apart)");
   }
 
-  void checkTopkRecordedEverywhereOrNowhere() const {
+  // Whether the layer's top-k is recorded (then by every microbatch of every holder).
+  bool checkTopkRecordedEverywhereOrNowhere() const {
     const RankFile* with = nullptr;
     const MicrobatchTensors* with_mb = nullptr;
     for (std::size_t h = 0; h < holders_.size() && with == nullptr; ++h)
@@ -689,7 +690,7 @@ class LayerAssembler {
           with_mb = &mb;
           break;
         }
-    if (with == nullptr) return;
+    if (with == nullptr) return false;
     for (std::size_t h = 0; h < holders_.size(); ++h) {
       for (const MicrobatchTensors& mb : rankLayer(h).microbatches) {
         if (mb.topk() != nullptr) continue;
@@ -698,6 +699,7 @@ class LayerAssembler {
                              " (topk is recorded for every microbatch of a layer on every rank, or for none), missing");
       }
     }
+    return true;
   }
 
   // Where a row lies, for messages: "rank1.safetensors layer0.mb1 row 3".
@@ -766,7 +768,7 @@ class LayerAssembler {
     }
   }
 
-  void assembleTokens(CaptureLayer& out) const {
+  void assembleTokens(CaptureLayer& out, bool with_topk) const {
     std::vector<RowRecord> rows;
     std::size_t total = 0;
     for (std::size_t h = 0; h < holders_.size(); ++h)
@@ -808,7 +810,6 @@ class LayerAssembler {
 
     // Each token from its first record (the lowest rank's).
     const int k = holders_.front()->manifest.objective.top_k;
-    const bool with_topk = !rankLayer(0).microbatches.empty() && rankLayer(0).microbatches.front().topk() != nullptr;
     out.tokens.reserve(runs);
     out.row_data.reserve(runs);
     out.row_dtype.reserve(runs);

@@ -372,6 +372,27 @@ TEST_F(CaptureTest, TopkAndExpertBiasAreAssembled) {
   }
 }
 
+TEST_F(CaptureTest, ARankWithoutRowsStillHoldsTheLayer) {
+  JobShape job;
+  job.topk = true;
+  std::vector<CaptureRankRecord> ranks = buildJob(job);
+  // Rank 0 ran no microbatch of layer 1: its TP sibling's rows stand for replica 0, and the job's
+  // top-k is still recorded for every microbatch that was run.
+  layerOf(ranks, 0, 1).microbatches.clear();
+  writeCapture(dir(), ranks);
+  const Capture capture = loadCapture(dir());
+  const CaptureLayer& layer = capture.layers[1];
+  EXPECT_EQ(layer.ranks, (std::vector<int>{0, 1, 2, 3}));
+  ASSERT_EQ(layer.tokens.size(), 16u);
+  ASSERT_EQ(layer.topk.size(), 32u);
+  EXPECT_EQ(layer.topk[2 * 6 + 1], topkFor(1, 2, 1, 4));
+  EXPECT_EQ(layer.grads[0][0], gradFor(0, 1, 0, 0));
+  // Rows of replica 0 come from rank 1's file.
+  const auto* rank1 = static_cast<const std::uint8_t*>(capture.mappings[1].get());
+  EXPECT_GE(layer.row_data[0], rank1);
+  EXPECT_LT(layer.row_data[0], rank1 + fs::file_size(fileOf(1)));
+}
+
 TEST_F(CaptureTest, PipelineStagesHoldTheirOwnLayers) {
   JobShape job;
   job.dp_size = 1;

@@ -683,6 +683,18 @@ TEST_F(CaptureTest, ManifestTextRoundTrips) {
   EXPECT_EQ(back.objective.compute_dtype, DType::kBFloat16);
 }
 
+TEST_F(CaptureTest, StringsThatReadLikeNonFiniteNumbersStayStrings) {
+  std::vector<CaptureRankRecord> ranks = buildJob(JobShape{});
+  for (CaptureRankRecord& rank : ranks) {
+    rank.manifest.framework = "NaN Infinity -Infinity 1e999";
+    rank.manifest.created_by = "a \"quoted\" NaN, then \\\" and Infinity";
+  }
+  writeCapture(dir(), ranks);
+  const Capture capture = loadCapture(dir());
+  EXPECT_EQ(capture.manifest.framework, "NaN Infinity -Infinity 1e999");
+  EXPECT_EQ(capture.manifest.created_by, "a \"quoted\" NaN, then \\\" and Infinity");
+}
+
 // ================================================================ files and directories
 
 TEST_F(CaptureTest, MissingDirectoryOrAFileInsteadOfADirectory) {
@@ -931,6 +943,8 @@ const RejectCase kManifestCases[] = {
      "rank0.safetensors", "/layers", {"an array of distinct layer indices >= 0, got 0"}},
     {"layer_twice", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {1, 0, 1}; }),
      "rank0.safetensors", "/layers/2", {"distinct layer indices, got layer 1 twice"}},
+    {"nan_in_layers", Base::kPlain, kNoRecordEdit, onManifestText(0, "\"layers\":[0,1]", "\"layers\":[0,NaN]"),
+     "rank0.safetensors", "/layers/1", {"an integer >= 0, got NaN"}},
     {"layer_negative", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {0, -1}; }),
      "rank0.safetensors", "/layers/1", {"an integer >= 0, got -1"}},
     {"seq_len_zero", Base::kPlain, kNoRecordEdit, onAllManifests([](OrderedJson& m) { m["seq_len"] = 0; }),

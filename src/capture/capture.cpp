@@ -63,7 +63,8 @@ std::string valueText(double value) {
 // "element 3" or "element (row 3, column 7)" of a tensor with `columns` columns (0 = 1-D).
 std::string elementText(std::int64_t index, std::int64_t columns) {
   if (columns <= 0) return "element " + std::to_string(index);
-  return "element (row " + std::to_string(index / columns) + ", column " + std::to_string(index % columns) + ")";
+  return "element (row " + std::to_string(index / columns) + ", column " + std::to_string(index % columns) +
+         ")";
 }
 
 std::int64_t loadI64(const std::uint8_t* data, std::int64_t i) {
@@ -73,15 +74,16 @@ std::int64_t loadI64(const std::uint8_t* data, std::int64_t i) {
 // ---------------------------------------------------------------------------------------------
 // Directory listing.
 
-// The rank of a canonical rank-file name "rank{R}.safetensors" (R decimal, no zero padding, at most
-// INT_MAX); nullopt for a name that matches rank*.safetensors but is not canonical; -1 for a name
-// that does not match rank*.safetensors at all.
-std::optional<int> rankOfFileName(const std::string& name) {
+bool matchesRankFilePattern(const std::string& name) {  // rank*.safetensors
   static const std::string kPrefix = "rank", kSuffix = ".safetensors";
-  if (name.size() < kPrefix.size() + kSuffix.size() || name.compare(0, kPrefix.size(), kPrefix) != 0 ||
-      name.compare(name.size() - kSuffix.size(), kSuffix.size(), kSuffix) != 0)
-    return -1;
-  const std::string digits = name.substr(kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  return name.size() >= kPrefix.size() + kSuffix.size() && name.compare(0, kPrefix.size(), kPrefix) == 0 &&
+         name.compare(name.size() - kSuffix.size(), kSuffix.size(), kSuffix) == 0;
+}
+
+// R of a name rank{R}.safetensors written canonically (decimal, no zero padding, at most INT_MAX);
+// nullopt for any other name that matches rank*.safetensors.
+std::optional<int> rankOfFileName(const std::string& name) {
+  const std::string digits = name.substr(4, name.size() - 4 - 12);  // between "rank" and ".safetensors"
   if (digits.empty() || digits.size() > 10 || (digits.size() > 1 && digits[0] == '0')) return std::nullopt;
   long long rank = 0;
   for (char c : digits) {
@@ -105,19 +107,21 @@ std::map<int, std::string> listRankFiles(const std::string& directory) {
   }
   std::vector<std::string> names;
   fs::directory_iterator it(directory, ec);
-  for (; !ec && it != fs::directory_iterator(); it.increment(ec)) names.push_back(it->path().filename().string());
+  for (; !ec && it != fs::directory_iterator(); it.increment(ec))
+    names.push_back(it->path().filename().string());
   if (ec) reject(directory, "", "a readable capture directory (" + ec.message() + ")");
   std::sort(names.begin(), names.end());
 
   std::map<int, std::string> files;
   for (const std::string& name : names) {
+    if (!matchesRankFilePattern(name)) continue;  // not part of the capture
     const std::optional<int> rank = rankOfFileName(name);
-    if (rank && *rank < 0) continue;  // not rank*.safetensors: not part of the capture
     const std::string path = (fs::path(directory) / name).string();
     if (!rank) {
       reject(path, "",
-                       "a rank file named rank{R}.safetensors with R = 0, 1, 2, ... written without zero "
-                       "padding; no other file may match rank*.safetensors, got \"" + name + "\"");
+             "a rank file named rank{R}.safetensors with R = 0, 1, 2, ... written without zero "
+             "padding; no other file may match rank*.safetensors, got \"" +
+                 name + "\"");
     }
     files.emplace(*rank, path);
   }
@@ -128,18 +132,27 @@ std::map<int, std::string> listRankFiles(const std::string& directory) {
 // Tensor names.
 
 enum class Role { kWeight, kGrad, kExpertBias, kInput, kSequence, kPosition, kValid, kTopk };
-constexpr Role kMicrobatchRoles[] = {Role::kInput, Role::kSequence, Role::kPosition, Role::kValid, Role::kTopk};
+constexpr Role kMicrobatchRoles[] = {Role::kInput, Role::kSequence, Role::kPosition, Role::kValid,
+                                     Role::kTopk};
 
 const char* suffixOf(Role role) {
   switch (role) {
-    case Role::kWeight: return "weight";
-    case Role::kGrad: return "weight.grad";
-    case Role::kExpertBias: return "expert_bias";
-    case Role::kInput: return "input";
-    case Role::kSequence: return "sequence";
-    case Role::kPosition: return "position";
-    case Role::kValid: return "valid";
-    case Role::kTopk: return "topk";
+    case Role::kWeight:
+      return "weight";
+    case Role::kGrad:
+      return "weight.grad";
+    case Role::kExpertBias:
+      return "expert_bias";
+    case Role::kInput:
+      return "input";
+    case Role::kSequence:
+      return "sequence";
+    case Role::kPosition:
+      return "position";
+    case Role::kValid:
+      return "valid";
+    case Role::kTopk:
+      return "topk";
   }
   return "";
 }
@@ -215,7 +228,8 @@ std::string tensorNameHint(const std::string& name) {
   const std::int64_t layer = numbers.empty() ? 0 : numbers[0];
   const std::int64_t microbatch = numbers.size() < 2 ? 0 : numbers[1];
   std::vector<std::string> candidates;
-  for (Role role : {Role::kWeight, Role::kGrad, Role::kExpertBias}) candidates.push_back(tensorName(layer, role));
+  for (Role role : {Role::kWeight, Role::kGrad, Role::kExpertBias})
+    candidates.push_back(tensorName(layer, role));
   for (Role role : kMicrobatchRoles) candidates.push_back(tensorName(layer, role, microbatch));
   return didYouMean(name, candidates);
 }
@@ -269,13 +283,15 @@ class RankFileChecker {
     for (const TensorView& tensor : rank_.view.tensors()) {
       const std::optional<ParsedName> parsed = parseTensorName(tensor.name);
       if (!parsed) {
-        fail(tensor, "a tensor name of the capture table (layer{l}.weight, layer{l}.weight.grad, "
-                     "layer{l}.expert_bias, layer{l}.mb{m}.input, .sequence, .position, .valid, .topk; "
-                     "l and m without zero padding), got \"" + tensor.name + "\"" + tensorNameHint(tensor.name));
+        fail(tensor,
+             "a tensor name of the capture table (layer{l}.weight, layer{l}.weight.grad, "
+             "layer{l}.expert_bias, layer{l}.mb{m}.input, .sequence, .position, .valid, .topk; "
+             "l and m without zero padding), got \"" +
+                 tensor.name + "\"" + tensorNameHint(tensor.name));
       }
       if (!std::binary_search(manifest.layers.begin(), manifest.layers.end(), parsed->layer)) {
-        fail(tensor, "a tensor of a layer in this rank's /layers " + listText(manifest.layers) + ", got layer " +
-                         std::to_string(parsed->layer));
+        fail(tensor, "a tensor of a layer in this rank's /layers " + listText(manifest.layers) +
+                         ", got layer " + std::to_string(parsed->layer));
       }
       Slots& layer_slots = slots[static_cast<int>(parsed->layer)];
       if (parsed->microbatch < 0) {
@@ -283,8 +299,9 @@ class RankFileChecker {
         continue;
       }
       if (parsed->microbatch >= manifest.mesh.microbatches) {
-        fail(tensor, "a microbatch index m < /mesh/microbatches = " + std::to_string(manifest.mesh.microbatches) +
-                         ", got m = " + std::to_string(parsed->microbatch));
+        fail(tensor,
+             "a microbatch index m < /mesh/microbatches = " + std::to_string(manifest.mesh.microbatches) +
+                 ", got m = " + std::to_string(parsed->microbatch));
       }
       MicrobatchTensors& mb = layer_slots.microbatches[parsed->microbatch];
       mb.microbatch = parsed->microbatch;
@@ -317,13 +334,15 @@ class RankFileChecker {
 
   CaptureFloat requireFloat(const TensorView& tensor) const {
     CaptureFloat dtype{};
-    if (!parseCaptureFloat(tensor.dtype, dtype)) fail(tensor, "dtype F64, F32, BF16 or F16, got " + tensor.dtype);
+    if (!parseCaptureFloat(tensor.dtype, dtype))
+      fail(tensor, "dtype F64, F32, BF16 or F16, got " + tensor.dtype);
     return dtype;
   }
   void requireDtype(const TensorView& tensor, const char* dtype) const {
     if (tensor.dtype != dtype) fail(tensor, std::string("dtype ") + dtype + ", got " + tensor.dtype);
   }
-  void requireShape(const TensorView& tensor, const std::vector<std::int64_t>& shape, const std::string& why) const {
+  void requireShape(const TensorView& tensor, const std::vector<std::int64_t>& shape,
+                    const std::string& why) const {
     if (tensor.shape != shape) {
       fail(tensor, "shape " + shapeToString(shape) + " (" + why + "), got " + shapeToString(tensor.shape));
     }
@@ -346,21 +365,23 @@ class RankFileChecker {
     layer.weight_dtype = requireFloat(weight);
     if (weight.shape.size() != 2 || weight.shape[0] < 1 || weight.shape[1] < 1 || weight.shape[0] > INT_MAX ||
         weight.shape[1] > INT_MAX) {
-      fail(weight, "shape [E, H] with 1 <= E, H < 2^31 (experts, hidden), got " + shapeToString(weight.shape));
+      fail(weight,
+           "shape [E, H] with 1 <= E, H < 2^31 (experts, hidden), got " + shapeToString(weight.shape));
     }
     layer.experts = static_cast<int>(weight.shape[0]);
     layer.hidden = static_cast<int>(weight.shape[1]);
     const int top_k = rank_.manifest.objective.top_k;
     if (top_k > layer.experts) {
       reject(file_, "/objective/top_k",
-                       "top_k <= experts (E = " + std::to_string(layer.experts) + " from " + weight_name + " " +
-                           shapeToString(weight.shape) + "), got " + std::to_string(top_k));
+             "top_k <= experts (E = " + std::to_string(layer.experts) + " from " + weight_name + " " +
+                 shapeToString(weight.shape) + "), got " + std::to_string(top_k));
     }
     requireFinite(weight, layer.weight_dtype, layer.hidden);
 
     const std::string grad_name = tensorName(layer.layer, Role::kGrad);
     if (layer.grad == nullptr) {
-      failMissing(grad_name, "the router weight's gradient " + shapeToString(weight.shape) + " (F64, F32, BF16 or F16)");
+      failMissing(grad_name,
+                  "the router weight's gradient " + shapeToString(weight.shape) + " (F64, F32, BF16 or F16)");
     }
     layer.grad_dtype = requireFloat(*layer.grad);
     requireShape(*layer.grad, weight.shape, "the shape of " + weight_name);
@@ -391,11 +412,12 @@ class RankFileChecker {
     };
     const std::string weight_name = tensorName(layer.layer, Role::kWeight);
 
-    const TensorView& input = requirePresent(Role::kInput, "the router input rows [n, H] (F64, F32, BF16 or F16)");
+    const TensorView& input =
+        requirePresent(Role::kInput, "the router input rows [n, H] (F64, F32, BF16 or F16)");
     mb.input_dtype = requireFloat(input);
     if (input.shape.size() != 2 || input.shape[1] != layer.hidden) {
-      fail(input, "shape [n, " + std::to_string(layer.hidden) + "] (n rows of hidden size H from " + weight_name +
-                      "), got " + shapeToString(input.shape));
+      fail(input, "shape [n, " + std::to_string(layer.hidden) + "] (n rows of hidden size H from " +
+                      weight_name + "), got " + shapeToString(input.shape));
     }
     mb.rows = input.shape[0];
     const std::vector<std::int64_t> per_row = {mb.rows};
@@ -420,14 +442,15 @@ class RankFileChecker {
     requireFinite(input, mb.input_dtype, layer.hidden);
     for (std::int64_t i = 0; i < mb.rows; ++i) {
       const std::int64_t s = loadI64(sequence.data, i);
-      if (s < 0) fail(sequence, "sequence indices >= 0, element " + std::to_string(i) + " is " + std::to_string(s));
+      if (s < 0)
+        fail(sequence, "sequence indices >= 0, element " + std::to_string(i) + " is " + std::to_string(s));
     }
     const int seq_len = rank_.manifest.seq_len;
     for (std::int64_t i = 0; i < mb.rows; ++i) {
       const std::int64_t p = loadI64(position.data, i);
       if (p < 0 || p >= seq_len) {
-        fail(position, "positions in [0, seq_len = " + std::to_string(seq_len) + "), element " + std::to_string(i) +
-                           " is " + std::to_string(p));
+        fail(position, "positions in [0, seq_len = " + std::to_string(seq_len) + "), element " +
+                           std::to_string(i) + " is " + std::to_string(p));
       }
     }
     for (std::int64_t i = 0; i < mb.rows; ++i) {
@@ -465,7 +488,8 @@ class RankFileChecker {
 // rethrown unchanged, so the error reported is the one a sequential loop would report first.
 template <typename Body>
 void parallelFor(std::size_t count, const Body& body) {
-  const std::size_t workers = std::min<std::size_t>({count, std::max(1u, std::thread::hardware_concurrency()), 8});
+  const std::size_t workers =
+      std::min<std::size_t>({count, std::max(1u, std::thread::hardware_concurrency()), 8});
   std::vector<std::exception_ptr> errors(count);
   std::atomic<std::size_t> next{0};
   const auto work = [&] {
@@ -504,9 +528,11 @@ const std::vector<SharedField>& sharedFields() {
       {"/mesh/ep_size", [](const CaptureManifest& m) { return std::to_string(m.mesh.ep_size); }},
       {"/mesh/microbatches", [](const CaptureManifest& m) { return std::to_string(m.mesh.microbatches); }},
       {"/seq_len", [](const CaptureManifest& m) { return std::to_string(m.seq_len); }},
-      {"/objective/aux_type", [](const CaptureManifest& m) { return std::string(toString(m.objective.aux_type)); }},
+      {"/objective/aux_type",
+       [](const CaptureManifest& m) { return std::string(toString(m.objective.aux_type)); }},
       {"/objective/coeff", [](const CaptureManifest& m) { return valueText(m.objective.coeff); }},
-      {"/objective/z_loss_coeff", [](const CaptureManifest& m) { return valueText(m.objective.z_loss_coeff); }},
+      {"/objective/z_loss_coeff",
+       [](const CaptureManifest& m) { return valueText(m.objective.z_loss_coeff); }},
       {"/objective/z_loss_scope",
        [](const CaptureManifest& m) { return std::string(toString(m.objective.z_loss_scope)); }},
       {"/objective/top_k", [](const CaptureManifest& m) { return std::to_string(m.objective.top_k); }},
@@ -533,9 +559,9 @@ void requireSharedValues(const RankFile& first, const RankFile& other) {
   for (const SharedField& field : sharedFields()) {
     const std::string expected = field.render(first.manifest), got = field.render(other.manifest);
     if (expected != got) {
-      reject(other.path, field.pointer,
-                       "the same value in every rank file, " + fileName(first.path) + " has " + expected +
-                           ", got " + got);
+      reject(
+          other.path, field.pointer,
+          "the same value in every rank file, " + fileName(first.path) + " has " + expected + ", got " + got);
     }
   }
 }
@@ -543,10 +569,13 @@ void requireSharedValues(const RankFile& first, const RankFile& other) {
 // The tolerance-relevant DType of a gradient's element type (F16 judged as coarsely as bfloat16).
 DType dtypeOfGradient(CaptureFloat grad) {
   switch (grad) {
-    case CaptureFloat::kF64: return DType::kFloat64;
-    case CaptureFloat::kF32: return DType::kFloat32;
+    case CaptureFloat::kF64:
+      return DType::kFloat64;
+    case CaptureFloat::kF32:
+      return DType::kFloat32;
     case CaptureFloat::kBF16:
-    case CaptureFloat::kF16: return DType::kBFloat16;
+    case CaptureFloat::kF16:
+      return DType::kBFloat16;
   }
   return DType::kFloat32;
 }
@@ -608,7 +637,8 @@ struct RowRecord {
 
 class LayerAssembler {
  public:
-  LayerAssembler(int layer, std::vector<const RankFile*> holders) : layer_(layer), holders_(std::move(holders)) {}
+  LayerAssembler(int layer, std::vector<const RankFile*> holders)
+      : layer_(layer), holders_(std::move(holders)) {}
 
   CaptureLayer run() {
     CaptureLayer out;
@@ -620,16 +650,19 @@ class LayerAssembler {
     for (const RankFile* holder : holders_) out.ranks.push_back(holder->rank);
     checkSameRouter();
     out.weight = toDoubles(*reference.weight, reference.weight_dtype);
-    if (reference.expert_bias != nullptr) out.expert_bias = toDoubles(*reference.expert_bias, reference.bias_dtype);
+    if (reference.expert_bias != nullptr)
+      out.expert_bias = toDoubles(*reference.expert_bias, reference.bias_dtype);
     out.grad_dtype = reference.grad_dtype;
     out.grads.resize(holders_.size());
-    parallelFor(holders_.size(), [&](std::size_t h) { out.grads[h] = toDoubles(*rankLayer(h).grad, rankLayer(h).grad_dtype); });
+    parallelFor(holders_.size(), [&](std::size_t h) {
+      out.grads[h] = toDoubles(*rankLayer(h).grad, rankLayer(h).grad_dtype);
+    });
     const bool with_topk = checkTopkRecordedEverywhereOrNowhere();
     assembleTokens(out, with_topk);
     if (out.tokens.empty()) {
       reject(first.path, pointerTo(tensorName(layer_, Role::kInput, 0)),
-                       "router input rows of layer " + std::to_string(layer_) +
-                           " from at least one rank, but no rank holding it records any");
+             "router input rows of layer " + std::to_string(layer_) +
+                 " from at least one rank, but no rank holding it records any");
     }
     return out;
   }
@@ -646,9 +679,9 @@ class LayerAssembler {
       const RankLayer& layer = rankLayer(h);
       if (layer.weight->shape != reference.weight->shape) {
         reject(other.path, pointerTo(layer.weight->name),
-                         "shape " + shapeToString(reference.weight->shape) + " as in " + fileName(first.path) +
-                             " (every rank holding layer " + std::to_string(layer_) +
-                             " holds the same router), got " + shapeToString(layer.weight->shape));
+               "shape " + shapeToString(reference.weight->shape) + " as in " + fileName(first.path) +
+                   " (every rank holding layer " + std::to_string(layer_) + " holds the same router), got " +
+                   shapeToString(layer.weight->shape));
       }
       requireSame(first, *reference.weight, reference.weight_dtype, other, *layer.weight, layer.weight_dtype,
                   reference.hidden, "weight (a capture is of one step)");
@@ -656,8 +689,8 @@ class LayerAssembler {
         const RankFile& without = reference.expert_bias == nullptr ? first : other;
         const RankFile& with = reference.expert_bias == nullptr ? other : first;
         reject(without.path, pointerTo(tensorName(layer_, Role::kExpertBias)),
-                         "an expert bias, as " + fileName(with.path) +
-                             " records one (every rank holding the layer records it, or none does), missing");
+               "an expert bias, as " + fileName(with.path) +
+                   " records one (every rank holding the layer records it, or none does), missing");
       }
       if (layer.expert_bias != nullptr) {
         requireSame(first, *reference.expert_bias, reference.bias_dtype, other, *layer.expert_bias,
@@ -669,14 +702,15 @@ class LayerAssembler {
   void requireSame(const RankFile& first, const TensorView& a, CaptureFloat a_dtype, const RankFile& other,
                    const TensorView& b, CaptureFloat b_dtype, std::int64_t columns, const char* what) const {
     double ulps = 0;
-    const std::int64_t at = firstDifference(a.data, a_dtype, b.data, b_dtype, static_cast<std::size_t>(a.elements), ulps);
+    const std::int64_t at =
+        firstDifference(a.data, a_dtype, b.data, b_dtype, static_cast<std::size_t>(a.elements), ulps);
     if (at < 0) return;
     reject(other.path, pointerTo(b.name),
-                     std::string("the same ") + what + " as " + fileName(first.path) + " to " +
-                         std::to_string(kMaxUlps) + " ulps of " + dtypesText(a_dtype, b_dtype) + ", but " +
-                         elementText(at, columns) + " is " + valueText(loadCaptureFloat(b.data, at, b_dtype)) +
-                         " here and " + valueText(loadCaptureFloat(a.data, at, a_dtype)) + " there (" +
-                         valueText(ulps) + " ulps apart)");
+           std::string("the same ") + what + " as " + fileName(first.path) + " to " +
+               std::to_string(kMaxUlps) + " ulps of " + dtypesText(a_dtype, b_dtype) + ", but " +
+               elementText(at, columns) + " is " + valueText(loadCaptureFloat(b.data, at, b_dtype)) +
+               " here and " + valueText(loadCaptureFloat(a.data, at, a_dtype)) + " there (" +
+               valueText(ulps) + " ulps apart)");
   }
 
   // Whether the layer's top-k is recorded (then by every microbatch of every holder).
@@ -695,8 +729,8 @@ class LayerAssembler {
       for (const MicrobatchTensors& mb : rankLayer(h).microbatches) {
         if (mb.topk() != nullptr) continue;
         reject(holders_[h]->path, pointerTo(tensorName(layer_, Role::kTopk, mb.microbatch)),
-                         "a recorded top-k, as " + fileName(with->path) + " records " + with_mb->topk()->name +
-                             " (topk is recorded for every microbatch of a layer on every rank, or for none), missing");
+               "a recorded top-k, as " + fileName(with->path) + " records " + with_mb->topk()->name +
+                   " (topk is recorded for every microbatch of a layer on every rank, or for none), missing");
       }
     }
     return true;
@@ -706,14 +740,17 @@ class LayerAssembler {
   std::string rowText(const RowRecord& r) const {
     return fileName(holders_[r.holder]->path) + " " + mb(r).input()->name + " row " + std::to_string(r.row);
   }
-  const MicrobatchTensors& mb(const RowRecord& r) const { return rankLayer(r.holder).microbatches[r.microbatch]; }
+  const MicrobatchTensors& mb(const RowRecord& r) const {
+    return rankLayer(r.holder).microbatches[r.microbatch];
+  }
   const RankFile& rankOf(const RowRecord& r) const { return *holders_[r.holder]; }
   std::string tokenText(const RowRecord& r) const {
     return "token (sequence " + std::to_string(r.sequence) + ", position " + std::to_string(r.position) + ")";
   }
   const std::uint8_t* inputRow(const RowRecord& r) const {
     const MicrobatchTensors& m = mb(r);
-    return m.input()->data + static_cast<std::size_t>(r.row) * rankLayer(r.holder).hidden * captureFloatSize(m.input_dtype);
+    return m.input()->data +
+           static_cast<std::size_t>(r.row) * rankLayer(r.holder).hidden * captureFloatSize(m.input_dtype);
   }
 
   // The same token on two ranks: same validity, (dp, microbatch), top-k (as a set) and input.
@@ -724,15 +761,15 @@ class LayerAssembler {
     const std::uint8_t va = ma.valid()->data[a.row], vb = mbb.valid()->data[b.row];
     if (va != vb) {
       reject(rb.path, pointerTo(mbb.valid()->name),
-                       "the same validity for a token recorded by several ranks; " + where + ", valid " +
-                           std::to_string(va) + " there and " + std::to_string(vb) + " here");
+             "the same validity for a token recorded by several ranks; " + where + ", valid " +
+                 std::to_string(va) + " there and " + std::to_string(vb) + " here");
     }
     if (ra.manifest.mesh.dp != rb.manifest.mesh.dp || ma.microbatch != mbb.microbatch) {
       reject(rb.path, pointerTo(mbb.sequence()->name),
-                       "the same (mesh.dp, microbatch) for a token recorded by several ranks; " + where +
-                           ", (dp " + std::to_string(ra.manifest.mesh.dp) + ", microbatch " +
-                           std::to_string(ma.microbatch) + ") there and (dp " + std::to_string(rb.manifest.mesh.dp) +
-                           ", microbatch " + std::to_string(mbb.microbatch) + ") here");
+             "the same (mesh.dp, microbatch) for a token recorded by several ranks; " + where + ", (dp " +
+                 std::to_string(ra.manifest.mesh.dp) + ", microbatch " + std::to_string(ma.microbatch) +
+                 ") there and (dp " + std::to_string(rb.manifest.mesh.dp) + ", microbatch " +
+                 std::to_string(mbb.microbatch) + ") here");
     }
     if (ma.topk() != nullptr && mbb.topk() != nullptr) {
       const int k = ra.manifest.objective.top_k;
@@ -750,8 +787,8 @@ class LayerAssembler {
           return s + "}";
         };
         reject(rb.path, pointerTo(mbb.topk()->name),
-                         "the same recorded top-k for a token recorded by several ranks; " + where + ", experts " +
-                             text(ka) + " there and " + text(kb) + " here");
+               "the same recorded top-k for a token recorded by several ranks; " + where + ", experts " +
+                   text(ka) + " there and " + text(kb) + " here");
       }
     }
     double ulps = 0;
@@ -759,12 +796,12 @@ class LayerAssembler {
                                             static_cast<std::size_t>(rankLayer(a.holder).hidden), ulps);
     if (at >= 0) {
       reject(rb.path, pointerTo(mbb.input()->name),
-                       "the same input (to " + std::to_string(kMaxUlps) + " ulps of " +
-                           dtypesText(ma.input_dtype, mbb.input_dtype) + ") for a token recorded by several ranks; " +
-                           where + ", and element " + std::to_string(at) + " is " +
-                           valueText(loadCaptureFloat(inputRow(a), at, ma.input_dtype)) + " there and " +
-                           valueText(loadCaptureFloat(inputRow(b), at, mbb.input_dtype)) + " here (" +
-                           valueText(ulps) + " ulps apart)");
+             "the same input (to " + std::to_string(kMaxUlps) + " ulps of " +
+                 dtypesText(ma.input_dtype, mbb.input_dtype) + ") for a token recorded by several ranks; " +
+                 where + ", and element " + std::to_string(at) + " is " +
+                 valueText(loadCaptureFloat(inputRow(a), at, ma.input_dtype)) + " there and " +
+                 valueText(loadCaptureFloat(inputRow(b), at, mbb.input_dtype)) + " here (" + valueText(ulps) +
+                 " ulps apart)");
     }
   }
 
@@ -860,11 +897,11 @@ void requireSameTokenSets(const std::vector<CaptureLayer>& layers, const std::ve
       std::string holders;
       for (int r : without.ranks) holders += (holders.empty() ? "" : ", ") + std::to_string(r);
       reject(ranks[blamed].path, pointerTo(tensorName(without.layer, Role::kSequence, token.microbatch)),
-                       "the same token set in every layer, but token (sequence " + std::to_string(token.sequence) +
-                           ", position " + std::to_string(token.position) + ") of layer " + std::to_string(with.layer) +
-                           " (dp " + std::to_string(token.dp) + ", microbatch " + std::to_string(token.microbatch) +
-                           ") is recorded by no rank holding layer " + std::to_string(without.layer) + " (ranks " +
-                           holders + ")");
+             "the same token set in every layer, but token (sequence " + std::to_string(token.sequence) +
+                 ", position " + std::to_string(token.position) + ") of layer " + std::to_string(with.layer) +
+                 " (dp " + std::to_string(token.dp) + ", microbatch " + std::to_string(token.microbatch) +
+                 ") is recorded by no rank holding layer " + std::to_string(without.layer) + " (ranks " +
+                 holders + ")");
     }
   }
 }
@@ -873,10 +910,14 @@ void requireSameTokenSets(const std::vector<CaptureLayer>& layers, const std::ve
 
 const char* toString(CaptureFloat dtype) {
   switch (dtype) {
-    case CaptureFloat::kF64: return "F64";
-    case CaptureFloat::kF32: return "F32";
-    case CaptureFloat::kBF16: return "BF16";
-    case CaptureFloat::kF16: return "F16";
+    case CaptureFloat::kF64:
+      return "F64";
+    case CaptureFloat::kF32:
+      return "F32";
+    case CaptureFloat::kBF16:
+      return "BF16";
+    case CaptureFloat::kF16:
+      return "F16";
   }
   return "invalid";
 }
@@ -889,20 +930,24 @@ void CaptureLayer::readRows(std::int64_t begin, std::int64_t count, double* out)
   }
   const auto width = static_cast<std::size_t>(hidden);
   for (std::int64_t t = 0; t < count; ++t) {
-    convertToDouble(row_data[begin + t], width, row_dtype[begin + t], out + static_cast<std::size_t>(t) * width);
+    convertToDouble(row_data[begin + t], width, row_dtype[begin + t],
+                    out + static_cast<std::size_t>(t) * width);
   }
 }
 
 Capture loadCapture(const std::string& directory) {
   const std::map<int, std::string> files = listRankFiles(directory);
   if (files.empty()) {
-    reject(directory, "", "rank0.safetensors .. rank{N-1}.safetensors, one per rank of the job; "
-                                    "found no file named rank*.safetensors");
+    reject(directory, "",
+           "rank0.safetensors .. rank{N-1}.safetensors, one per rank of the job; "
+           "found no file named rank*.safetensors");
   }
   const std::string rank0_path = (fs::path(directory) / rankFileName(0)).string();
   if (files.begin()->first != 0) {
-    reject(rank0_path, "", "a rank file (every rank 0 .. world_size-1 has one), missing; the lowest "
-                                     "rank file is " + fileName(files.begin()->second));
+    reject(rank0_path, "",
+           "a rank file (every rank 0 .. world_size-1 has one), missing; the lowest "
+           "rank file is " +
+               fileName(files.begin()->second));
   }
 
   Capture capture;
@@ -922,17 +967,17 @@ Capture loadCapture(const std::string& directory) {
   for (int r = 0; r < world_size; ++r) {
     if (files.count(r) == 0) {
       reject((fs::path(directory) / rankFileName(r)).string(), "",
-                       "a rank file: world_size is " + std::to_string(world_size) + " (" + rankFileName(0) +
-                           " /world_size), so ranks 0 .. " + std::to_string(world_size - 1) +
-                           " each have one; this one is missing");
+             "a rank file: world_size is " + std::to_string(world_size) + " (" + rankFileName(0) +
+                 " /world_size), so ranks 0 .. " + std::to_string(world_size - 1) +
+                 " each have one; this one is missing");
     }
   }
   if (files.rbegin()->first >= world_size) {
     const auto extra = files.lower_bound(world_size);
     reject(extra->second, "",
-                     "no file beyond rank " + std::to_string(world_size - 1) + ": world_size is " +
-                         std::to_string(world_size) + " (" + rankFileName(0) + " /world_size), got rank " +
-                         std::to_string(extra->first));
+           "no file beyond rank " + std::to_string(world_size - 1) + ": world_size is " +
+               std::to_string(world_size) + " (" + rankFileName(0) + " /world_size), got rank " +
+               std::to_string(extra->first));
   }
 
   ranks.reserve(static_cast<std::size_t>(world_size));  // RankFile holds pointers into its own view
@@ -954,8 +999,9 @@ Capture loadCapture(const std::string& directory) {
       any_gradient = true;
     }
   if (!any_gradient) {
-    reject(directory, "/layers", "at least one layer held by some rank, but every rank file's "
-                                           "/layers is empty");
+    reject(directory, "/layers",
+           "at least one layer held by some rank, but every rank file's "
+           "/layers is empty");
   }
   for (RankFile& rank : ranks)
     if (!rank.manifest.objective.compute_dtype_given) rank.manifest.objective.compute_dtype = coarsest;
@@ -963,7 +1009,8 @@ Capture loadCapture(const std::string& directory) {
   std::map<int, std::vector<const RankFile*>> holders;
   for (const RankFile& rank : ranks)
     for (int l : rank.manifest.layers) holders[l].push_back(&rank);
-  for (const auto& [l, layer_holders] : holders) capture.layers.push_back(LayerAssembler(l, layer_holders).run());
+  for (const auto& [l, layer_holders] : holders)
+    capture.layers.push_back(LayerAssembler(l, layer_holders).run());
   requireSameTokenSets(capture.layers, ranks);
 
   capture.world_size = world_size;

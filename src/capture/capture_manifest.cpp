@@ -20,14 +20,14 @@ using OrderedJson = nlohmann::ordered_json;
 
 // The keys each object of the manifest may hold, in the order the writer emits them.
 const std::vector<std::string> kTopLevelKeys = {
-    "schema_version", "rank",     "world_size", "mesh", "layers", "seq_len", "objective", "router_inputs_detached",
+    "schema_version",  "rank",      "world_size", "mesh",
+    "layers",          "seq_len",   "objective",  "router_inputs_detached",
     "main_loss_scale", "framework", "created_by"};
-const std::vector<std::string> kMeshKeys = {"dp", "dp_size", "cp", "cp_size", "pp",           "pp_size",
+const std::vector<std::string> kMeshKeys = {"dp", "dp_size", "cp", "cp_size", "pp",          "pp_size",
                                             "tp", "tp_size", "ep", "ep_size", "microbatches"};
-const std::vector<std::string> kObjectiveKeys = {"aux_type",     "coeff",          "z_loss_coeff",
-                                                 "z_loss_scope", "top_k",          "score",
-                                                 "norm_topk_prob", "exclude_padding", "group_weighting",
-                                                 "compute_dtype"};
+const std::vector<std::string> kObjectiveKeys = {
+    "aux_type", "coeff",          "z_loss_coeff",    "z_loss_scope",    "top_k",
+    "score",    "norm_topk_prob", "exclude_padding", "group_weighting", "compute_dtype"};
 
 const std::vector<AuxScope> kAuxScopes = {AuxScope::kMicroBatch, AuxScope::kSequence, AuxScope::kGlobalBatch};
 const std::vector<ZLossScope> kZLossScopes = {ZLossScope::kMicroBatch, ZLossScope::kGlobalBatch};
@@ -51,12 +51,12 @@ class ManifestReader {
 
     m.schema_version = readInt(required(root, "", "schema_version", "1"), "/schema_version", 0, INT_MAX);
     if (m.schema_version != 1) {
-      fail("/schema_version", "schema_version 1 (the capture format this tool reads), got " +
-                                  std::to_string(m.schema_version));
+      fail("/schema_version",
+           "schema_version 1 (the capture format this tool reads), got " + std::to_string(m.schema_version));
     }
     m.world_size = readInt(required(root, "", "world_size", "an integer >= 1"), "/world_size", 1, INT_MAX);
-    m.rank = readInt(required(root, "", "rank", "an integer in [0, world_size)"), "/rank", 0, m.world_size - 1,
-                     "world_size = " + std::to_string(m.world_size));
+    m.rank = readInt(required(root, "", "rank", "an integer in [0, world_size)"), "/rank", 0,
+                     m.world_size - 1, "world_size = " + std::to_string(m.world_size));
     if (file_rank >= 0 && m.rank != file_rank) {
       fail("/rank", std::to_string(file_rank) + ", the R of the file name rank" + std::to_string(file_rank) +
                         ".safetensors, got " + std::to_string(m.rank));
@@ -64,11 +64,12 @@ class ManifestReader {
     readMesh(requiredObject(root, "", "mesh"), m.mesh);
     const long long product = 1ll * m.mesh.dp_size * m.mesh.cp_size;
     long long world = 0;
-    if (__builtin_mul_overflow(product, 1ll * m.mesh.pp_size * m.mesh.tp_size, &world) || world != m.world_size) {
-      fail("/world_size", "dp_size * cp_size * pp_size * tp_size = " + std::to_string(m.mesh.dp_size) + " * " +
-                              std::to_string(m.mesh.cp_size) + " * " + std::to_string(m.mesh.pp_size) + " * " +
-                              std::to_string(m.mesh.tp_size) + " (ep is carved out of these ranks), got " +
-                              std::to_string(m.world_size));
+    if (__builtin_mul_overflow(product, 1ll * m.mesh.pp_size * m.mesh.tp_size, &world) ||
+        world != m.world_size) {
+      fail("/world_size", "dp_size * cp_size * pp_size * tp_size = " + std::to_string(m.mesh.dp_size) +
+                              " * " + std::to_string(m.mesh.cp_size) + " * " +
+                              std::to_string(m.mesh.pp_size) + " * " + std::to_string(m.mesh.tp_size) +
+                              " (ep is carved out of these ranks), got " + std::to_string(m.world_size));
     }
     readLayers(required(root, "", "layers", "an array of distinct layer indices >= 0"), m.layers);
     m.seq_len = readInt(required(root, "", "seq_len", "an integer >= 1"), "/seq_len", 1, INT_MAX);
@@ -84,7 +85,8 @@ class ManifestReader {
     m.main_loss_scale = readFinite(required(root, "", "main_loss_scale", "0"), "/main_loss_scale");
     if (m.main_loss_scale != 0.0) {
       fail("/main_loss_scale",
-           "0 (the main loss multiplied by 0 before backward, so that the gradient is the aux part alone), got " +
+           "0 (the main loss multiplied by 0 before backward, so that the gradient is the aux part alone), "
+           "got " +
                describeJson(root["main_loss_scale"]));
     }
     if (root.contains("framework")) m.framework = readString(root["framework"], "/framework");
@@ -97,12 +99,14 @@ class ManifestReader {
     throw InputError(file_, path, "expected " + what);
   }
 
-  void rejectUnknownKeys(const Json& object, const std::string& path, const std::vector<std::string>& allowed) const {
+  void rejectUnknownKeys(const Json& object, const std::string& path,
+                         const std::vector<std::string>& allowed) const {
     for (const auto& item : object.items()) {
       if (std::find(allowed.begin(), allowed.end(), item.key()) != allowed.end()) continue;
       throw InputError(file_, childPath(path, item.key()),
-                       "unknown key \"" + item.key() + "\"" + didYouMean(item.key(), allowed) + "; allowed keys" +
-                           (path.empty() ? std::string() : " in " + path) + ": " + joinNames(allowed));
+                       "unknown key \"" + item.key() + "\"" + didYouMean(item.key(), allowed) +
+                           "; allowed keys" + (path.empty() ? std::string() : " in " + path) + ": " +
+                           joinNames(allowed));
     }
   }
 
@@ -124,10 +128,10 @@ class ManifestReader {
   // are integers, as in JSON Schema and the scenario files.
   int readInt(const Json& value, const std::string& path, int min_value, int max_value,
               const std::string& bound = "") const {
-    const std::string expected =
-        max_value == INT_MAX ? "an integer >= " + std::to_string(min_value)
-                             : "an integer in [" + std::to_string(min_value) + ", " +
-                                   (bound.empty() ? std::to_string(max_value + 1ll) : bound) + ")";
+    const std::string expected = max_value == INT_MAX
+                                     ? "an integer >= " + std::to_string(min_value)
+                                     : "an integer in [" + std::to_string(min_value) + ", " +
+                                           (bound.empty() ? std::to_string(max_value + 1ll) : bound) + ")";
     long double number = 0;
     if (value.is_number_unsigned()) {
       number = static_cast<long double>(value.get<std::uint64_t>());
@@ -193,7 +197,8 @@ class ManifestReader {
     const auto coordinate = [&](const char* key, const char* size_key, int size_value, bool is_required) {
       if (!is_required && !mesh.contains(key)) return 0;
       return readInt(required(mesh, "/mesh", key, "an integer in [0, " + std::string(size_key) + ")"),
-                     childPath("/mesh", key), 0, size_value - 1, std::string(size_key) + " = " + std::to_string(size_value));
+                     childPath("/mesh", key), 0, size_value - 1,
+                     std::string(size_key) + " = " + std::to_string(size_value));
     };
     out.dp_size = size("dp_size", true, 1);
     out.cp_size = size("cp_size", true, 1);
@@ -205,12 +210,13 @@ class ManifestReader {
     out.pp = coordinate("pp", "pp_size", out.pp_size, true);
     out.tp = coordinate("tp", "tp_size", out.tp_size, false);
     out.ep = coordinate("ep", "ep_size", out.ep_size, false);
-    out.microbatches = readInt(required(mesh, "/mesh", "microbatches", "an integer >= 1"), "/mesh/microbatches", 1,
-                               INT_MAX);
+    out.microbatches =
+        readInt(required(mesh, "/mesh", "microbatches", "an integer >= 1"), "/mesh/microbatches", 1, INT_MAX);
   }
 
   void readLayers(const Json& layers, std::vector<int>& out) const {
-    if (!layers.is_array()) fail("/layers", "an array of distinct layer indices >= 0, got " + describeJson(layers));
+    if (!layers.is_array())
+      fail("/layers", "an array of distinct layer indices >= 0, got " + describeJson(layers));
     for (std::size_t i = 0; i < layers.size(); ++i) {
       const std::string path = "/layers/" + std::to_string(i);
       const int layer = readInt(layers[i], path, 0, INT_MAX);
@@ -225,11 +231,13 @@ class ManifestReader {
   void readObjective(const Json& objective, CaptureObjective& out) const {
     const std::string o = "/objective";
     rejectUnknownKeys(objective, o, kObjectiveKeys);
-    out.aux_type = readEnum(required(objective, o, "aux_type", "one of \"micro_batch\", \"sequence\", \"global_batch\""),
-                            o + "/aux_type", kAuxScopes);
+    out.aux_type =
+        readEnum(required(objective, o, "aux_type", "one of \"micro_batch\", \"sequence\", \"global_batch\""),
+                 o + "/aux_type", kAuxScopes);
     out.coeff = readNonNegative(required(objective, o, "coeff", "a finite number >= 0"), o + "/coeff");
     out.top_k = readInt(required(objective, o, "top_k", "an integer >= 1"), o + "/top_k", 1, INT_MAX);
-    out.score = readEnum(required(objective, o, "score", "one of \"softmax\", \"sigmoid\""), o + "/score", kScores);
+    out.score =
+        readEnum(required(objective, o, "score", "one of \"softmax\", \"sigmoid\""), o + "/score", kScores);
     if (objective.contains("z_loss_coeff"))
       out.z_loss_coeff = readNonNegative(objective["z_loss_coeff"], o + "/z_loss_coeff");
     if (objective.contains("z_loss_scope"))
@@ -262,8 +270,8 @@ CaptureManifest readCaptureManifest(const SafetensorsView& file, int file_rank) 
   for (const auto& [key, value] : file.metadata()) {
     if (key != kCaptureManifestKey) {
       throw InputError(file.path(), "/__metadata__/" + jsonPointerSegment(key),
-                       std::string("expected only the key \"") + kCaptureManifestKey + "\" in __metadata__, got \"" +
-                           key + "\"");
+                       std::string("expected only the key \"") + kCaptureManifestKey +
+                           "\" in __metadata__, got \"" + key + "\"");
     }
   }
   const auto it = file.metadata().find(kCaptureManifestKey);
@@ -278,8 +286,8 @@ CaptureManifest readCaptureManifest(const SafetensorsView& file, int file_rank) 
 std::string captureManifestToJson(const CaptureManifest& m) {
   OrderedJson mesh = OrderedJson::object();
   const CaptureMesh& g = m.mesh;
-  const int mesh_values[] = {g.dp, g.dp_size, g.cp, g.cp_size, g.pp, g.pp_size, g.tp, g.tp_size, g.ep, g.ep_size,
-                             g.microbatches};
+  const int mesh_values[] = {g.dp, g.dp_size, g.cp, g.cp_size, g.pp,          g.pp_size,
+                             g.tp, g.tp_size, g.ep, g.ep_size, g.microbatches};
   for (std::size_t i = 0; i < kMeshKeys.size(); ++i) mesh[kMeshKeys[i]] = mesh_values[i];
 
   const CaptureObjective& o = m.objective;

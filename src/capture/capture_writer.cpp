@@ -18,8 +18,8 @@ void requireSize(const std::string& name, std::size_t size, std::int64_t expecte
   }
 }
 
-NamedTensor floatTensor(const std::string& name, std::vector<std::int64_t> shape, const std::vector<double>& values,
-                        CaptureFloat dtype) {
+NamedTensor floatTensor(const std::string& name, std::vector<std::int64_t> shape,
+                        const std::vector<double>& values, CaptureFloat dtype) {
   requireSize(name, values.size(), elementCount(shape));
   NamedTensor tensor{name, toString(dtype), std::move(shape), {}};
   appendEncoded(tensor.bytes, values.data(), values.size(), dtype);
@@ -32,7 +32,8 @@ NamedTensor int64Tensor(const std::string& name, std::vector<std::int64_t> shape
   NamedTensor tensor{name, "I64", std::move(shape), {}};
   tensor.bytes.reserve(values.size() * 8);
   for (std::int64_t v : values)
-    for (int b = 0; b < 8; ++b) tensor.bytes.push_back(static_cast<std::uint8_t>(static_cast<std::uint64_t>(v) >> (8 * b)));
+    for (int b = 0; b < 8; ++b)
+      tensor.bytes.push_back(static_cast<std::uint8_t>(static_cast<std::uint64_t>(v) >> (8 * b)));
   return tensor;
 }
 
@@ -47,7 +48,8 @@ void writeCaptureRank(const std::string& path, const CaptureRankRecord& rank) {
     tensors.push_back(floatTensor(prefix + "weight", weight_shape, layer.weight, rank.weight_dtype));
     tensors.push_back(floatTensor(prefix + "weight.grad", weight_shape, layer.grad, rank.grad_dtype));
     if (!layer.expert_bias.empty()) {
-      tensors.push_back(floatTensor(prefix + "expert_bias", {layer.experts}, layer.expert_bias, rank.bias_dtype));
+      tensors.push_back(
+          floatTensor(prefix + "expert_bias", {layer.experts}, layer.expert_bias, rank.bias_dtype));
     }
     for (const CaptureMicrobatchRecord& mb : layer.microbatches) {
       const std::string mb_prefix = prefix + "mb" + std::to_string(mb.microbatch) + ".";
@@ -68,8 +70,10 @@ void writeCapture(const std::string& directory, const std::vector<CaptureRankRec
   std::filesystem::create_directories(directory, ec);
   if (ec) throw RuntimeFailure("capture writer: cannot create " + directory + ": " + ec.message());
   for (const CaptureRankRecord& rank : ranks) {
-    writeCaptureRank((std::filesystem::path(directory) / ("rank" + std::to_string(rank.manifest.rank) + ".safetensors")).string(),
-                     rank);
+    writeCaptureRank(
+        (std::filesystem::path(directory) / ("rank" + std::to_string(rank.manifest.rank) + ".safetensors"))
+            .string(),
+        rank);
   }
 }
 

@@ -14,12 +14,12 @@ namespace moe {
 
 // The records of one microbatch of one layer on one rank (n rows).
 struct CaptureMicrobatchRecord {
-  int microbatch = 0;                 // m of layer{l}.mb{m}.*
-  std::vector<double> input;          // [n, H] row-major
-  std::vector<std::int64_t> sequence; // [n]
-  std::vector<std::int64_t> position; // [n]
-  std::vector<std::uint8_t> valid;    // [n]
-  std::vector<std::int64_t> topk;     // [n, k], or empty: layer{l}.mb{m}.topk is not written
+  int microbatch = 0;                  // m of layer{l}.mb{m}.*
+  std::vector<double> input;           // [n, H] row-major
+  std::vector<std::int64_t> sequence;  // [n]
+  std::vector<std::int64_t> position;  // [n]
+  std::vector<std::uint8_t> valid;     // [n]
+  std::vector<std::int64_t> topk;      // [n, k], or empty: layer{l}.mb{m}.topk is not written
 };
 
 // One layer's records on one rank.

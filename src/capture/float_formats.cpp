@@ -10,8 +10,10 @@ namespace {
 // [min_exponent, max_exponent] and `bias`, to nearest with ties to even; returns the 16-bit pattern.
 std::uint16_t roundToNarrow(double value, int mantissa_bits, int min_exponent, int max_exponent, int bias) {
   const std::uint16_t sign = std::signbit(value) ? 0x8000u : 0u;
-  const std::uint16_t exponent_all_ones = static_cast<std::uint16_t>(((1u << (15 - mantissa_bits)) - 1u) << mantissa_bits);
-  if (std::isnan(value)) return static_cast<std::uint16_t>(sign | exponent_all_ones | (1u << (mantissa_bits - 1)));
+  const std::uint16_t exponent_all_ones =
+      static_cast<std::uint16_t>(((1u << (15 - mantissa_bits)) - 1u) << mantissa_bits);
+  if (std::isnan(value))
+    return static_cast<std::uint16_t>(sign | exponent_all_ones | (1u << (mantissa_bits - 1)));
   const double magnitude = std::fabs(value);
   if (magnitude == 0.0) return sign;
   if (std::isinf(magnitude)) return sign | exponent_all_ones;
@@ -28,9 +30,11 @@ std::uint16_t roundToNarrow(double value, int mantissa_bits, int min_exponent, i
   }
   if (exponent > max_exponent) return sign | exponent_all_ones;  // overflow: infinity
   const auto integer_units = static_cast<std::uint32_t>(units);
-  if (integer_units < (1u << mantissa_bits)) return static_cast<std::uint16_t>(sign | integer_units);  // subnormal
+  if (integer_units < (1u << mantissa_bits))
+    return static_cast<std::uint16_t>(sign | integer_units);  // subnormal
   const auto biased = static_cast<std::uint32_t>(exponent + bias);
-  return static_cast<std::uint16_t>(sign | (biased << mantissa_bits) | (integer_units - (1u << mantissa_bits)));
+  return static_cast<std::uint16_t>(sign | (biased << mantissa_bits) |
+                                    (integer_units - (1u << mantissa_bits)));
 }
 
 // The first index whose |bits| (sign cleared) reaches the all-ones exponent, i.e. an infinity or NaN.
@@ -67,7 +71,8 @@ std::int64_t firstNonFiniteOf(const std::uint8_t* data, std::size_t count) {
 }  // namespace
 
 bool parseCaptureFloat(const std::string& safetensors_dtype, CaptureFloat& out) {
-  for (CaptureFloat dtype : {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
+  for (CaptureFloat dtype :
+       {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
     if (safetensors_dtype == toString(dtype)) {
       out = dtype;
       return true;
@@ -117,8 +122,12 @@ void appendEncoded(std::vector<std::uint8_t>& out, const double* values, std::si
         append(bits, 4);
         break;
       }
-      case CaptureFloat::kBF16: append(doubleToBf16(values[i]), 2); break;
-      case CaptureFloat::kF16: append(doubleToF16(values[i]), 2); break;
+      case CaptureFloat::kBF16:
+        append(doubleToBf16(values[i]), 2);
+        break;
+      case CaptureFloat::kF16:
+        append(doubleToF16(values[i]), 2);
+        break;
     }
   }
 }
@@ -168,10 +177,18 @@ double ulpOf(CaptureFloat dtype, double x) {
   const int precision = captureFloatPrecision(dtype);
   int min_exponent = 0;  // of the smallest normal number
   switch (dtype) {
-    case CaptureFloat::kF64: min_exponent = -1022; break;
-    case CaptureFloat::kF32: min_exponent = -126; break;
-    case CaptureFloat::kBF16: min_exponent = -126; break;
-    case CaptureFloat::kF16: min_exponent = -14; break;
+    case CaptureFloat::kF64:
+      min_exponent = -1022;
+      break;
+    case CaptureFloat::kF32:
+      min_exponent = -126;
+      break;
+    case CaptureFloat::kBF16:
+      min_exponent = -126;
+      break;
+    case CaptureFloat::kF16:
+      min_exponent = -14;
+      break;
   }
   int binary_exponent = 0;
   std::frexp(std::fabs(x), &binary_exponent);  // |x| in [2^(e-1), 2^e)

@@ -23,10 +23,14 @@ constexpr std::size_t captureFloatSize(CaptureFloat dtype) {
 // Significand bits including the implicit one (53, 24, 8, 11): the finer a type, the larger.
 constexpr int captureFloatPrecision(CaptureFloat dtype) {
   switch (dtype) {
-    case CaptureFloat::kF64: return 53;
-    case CaptureFloat::kF32: return 24;
-    case CaptureFloat::kBF16: return 8;
-    case CaptureFloat::kF16: return 11;
+    case CaptureFloat::kF64:
+      return 53;
+    case CaptureFloat::kF32:
+      return 24;
+    case CaptureFloat::kBF16:
+      return 8;
+    case CaptureFloat::kF16:
+      return 11;
   }
   return 53;
 }
@@ -76,7 +80,7 @@ inline float f16ToFloat(std::uint16_t bits) {
     wide = sign | ((exponent + 112u) << 23) | (mantissa << 13);
   } else {
     const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // exact: < 2^10 * 2^-24
-    return sign ? -magnitude : magnitude;  // mantissa 0: +-0
+    return sign ? -magnitude : magnitude;                             // mantissa 0: +-0
   }
   float value;
   std::memcpy(&value, &wide, 4);
@@ -98,8 +102,10 @@ inline double loadCaptureFloat(const std::uint8_t* data, std::size_t i, CaptureF
       std::memcpy(&value, &bits, 4);
       return value;
     }
-    case CaptureFloat::kBF16: return bf16ToFloat(loadLittleEndian16(data + 2 * i));
-    case CaptureFloat::kF16: return f16ToFloat(loadLittleEndian16(data + 2 * i));
+    case CaptureFloat::kBF16:
+      return bf16ToFloat(loadLittleEndian16(data + 2 * i));
+    case CaptureFloat::kF16:
+      return f16ToFloat(loadLittleEndian16(data + 2 * i));
   }
   return 0.0;
 }

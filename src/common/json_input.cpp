@@ -45,8 +45,8 @@ std::string markNonFiniteNumbers(std::string_view text) {
       out.append(text.substr(start, i - start));
       continue;
     }
-    for (std::string_view word : {std::string_view("-Infinity"), std::string_view("Infinity"),
-                                  std::string_view("NaN")}) {
+    for (std::string_view word :
+         {std::string_view("-Infinity"), std::string_view("Infinity"), std::string_view("NaN")}) {
       if (startsWith(text, i, word)) {
         out += markerFor(word);
         i += word.size();
@@ -55,7 +55,8 @@ std::string markNonFiniteNumbers(std::string_view text) {
     }
     if (c == '-' || (c >= '0' && c <= '9')) {
       const std::size_t start = i;
-      while (i < text.size() && (std::string_view("0123456789+-.eE").find(text[i]) != std::string_view::npos)) ++i;
+      while (i < text.size() && (std::string_view("0123456789+-.eE").find(text[i]) != std::string_view::npos))
+        ++i;
       const std::string token(text.substr(start, i - start));
       errno = 0;
       const double value = std::strtod(token.c_str(), nullptr);
@@ -105,9 +106,9 @@ class DuplicateKeyGuard {
         Frame& frame = frames_.back();
         frame.current_key = parsed.get<std::string>();
         if (!frame.keys.insert(frame.current_key).second) {
-          throw InputError(file_, currentPath(),
-                           "a key that occurs once in its object; \"" + frame.current_key +
-                               "\" appears twice");
+          throw InputError(
+              file_, currentPath(),
+              "a key that occurs once in its object; \"" + frame.current_key + "\" appears twice");
         }
         break;
       }
@@ -167,9 +168,12 @@ std::size_t editDistance(const std::string& a, const std::string& b) {
 std::string jsonPointerSegment(std::string_view key) {
   std::string out;
   for (char c : key) {
-    if (c == '~') out += "~0";
-    else if (c == '/') out += "~1";
-    else out += c;
+    if (c == '~')
+      out += "~0";
+    else if (c == '/')
+      out += "~1";
+    else
+      out += c;
   }
   return out;
 }
@@ -191,8 +195,8 @@ Json parseJsonStrict(std::string_view text, const std::string& file, const std::
     const std::size_t colon = at == std::string::npos ? std::string::npos : detail.find(": ", at);
     if (colon != std::string::npos) detail = detail.substr(colon + 2);
     throw InputError(file, document_pointer,
-                     what_document + ", got invalid JSON at line " + std::to_string(line) +
-                         ", column " + std::to_string(column) + ": " + detail);
+                     what_document + ", got invalid JSON at line " + std::to_string(line) + ", column " +
+                         std::to_string(column) + ": " + detail);
   } catch (const Json::exception& e) {  // e.g. out_of_range.406: a number beyond the double range
     throw InputError(file, document_pointer, what_document + ", got JSON it cannot read: " + e.what());
   }
@@ -201,7 +205,8 @@ Json parseJsonStrict(std::string_view text, const std::string& file, const std::
 std::optional<std::string> nonFiniteLiteral(const Json& value) {
   if (!value.is_string()) return std::nullopt;
   const std::string& text = value.get_ref<const std::string&>();
-  if (text.size() <= kNonFinitePrefix.size() || std::string_view(text).substr(0, kNonFinitePrefix.size()) != kNonFinitePrefix)
+  if (text.size() <= kNonFinitePrefix.size() ||
+      std::string_view(text).substr(0, kNonFinitePrefix.size()) != kNonFinitePrefix)
     return std::nullopt;
   return text.substr(kNonFinitePrefix.size());
 }

@@ -207,7 +207,8 @@ SafetensorsView SafetensorsView::open(const std::string& path, bool prefault) {
   }
   void* base = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE | (prefault ? MAP_POPULATE : 0), file.fd, 0);
   if (base == MAP_FAILED) {
-    throw InputError(path, "", std::string("a file that can be memory-mapped (") + std::strerror(errno) + ")");
+    throw InputError(path, "",
+                     std::string("a file that can be memory-mapped (") + std::strerror(errno) + ")");
   }
   view.mapping_ = std::shared_ptr<const void>(
       base, [file_size](const void* address) { ::munmap(const_cast<void*>(address), file_size); });
@@ -253,8 +254,8 @@ SafetensorsView SafetensorsView::open(const std::string& path, bool prefault) {
   std::vector<std::size_t> order(view.tensors_.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return view.tensors_[a].offset != view.tensors_[b].offset ? view.tensors_[a].offset < view.tensors_[b].offset
-                                                              : ends[a] < ends[b];
+    const TensorView &ta = view.tensors_[a], &tb = view.tensors_[b];
+    return ta.offset != tb.offset ? ta.offset < tb.offset : ends[a] < ends[b];
   });
   std::size_t previous = order.size();
   for (std::size_t index : order) {
@@ -294,7 +295,8 @@ SafetensorsFile readSafetensorsFile(const std::string& path) {
   file.metadata = view.metadata();
   file.tensors.reserve(view.tensors().size());
   for (const TensorView& t : view.tensors()) {
-    file.tensors.push_back(NamedTensor{t.name, t.dtype, t.shape, std::vector<std::uint8_t>(t.data, t.data + t.byte_size)});
+    file.tensors.push_back(
+        NamedTensor{t.name, t.dtype, t.shape, std::vector<std::uint8_t>(t.data, t.data + t.byte_size)});
   }
   return file;
 }

@@ -56,7 +56,9 @@ struct JobShape {
 double inputFor(int layer, std::int64_t sequence, std::int64_t position, int column) {
   return static_cast<double>((layer * 7 + sequence * 5 + position * 3 + column) % 17 - 8) / 8.0;
 }
-double weightFor(int layer, int expert, int h) { return static_cast<double>((layer * 3 + expert * 5 + h) % 11 - 5) / 4.0; }
+double weightFor(int layer, int expert, int h) {
+  return static_cast<double>((layer * 3 + expert * 5 + h) % 11 - 5) / 4.0;
+}
 double gradFor(int rank, int layer, int expert, int h) {
   return static_cast<double>((rank * 13 + layer * 7 + expert * 3 + h) % 9 - 4) / 16.0;
 }
@@ -80,8 +82,10 @@ std::vector<CaptureRankRecord> buildJob(const JobShape& job) {
           CaptureManifest& m = rank.manifest;
           m.rank = static_cast<int>(ranks.size());
           m.world_size = job.world();
-          m.mesh = CaptureMesh{dp, job.dp_size, cp, job.cp_size, pp, job.pp_size, tp, job.tp_size, 0, 1, job.microbatches};
-          m.layers.assign(job.layers.begin() + pp * layers_per_stage, job.layers.begin() + (pp + 1) * layers_per_stage);
+          m.mesh = CaptureMesh{dp,          job.dp_size, cp, job.cp_size,     pp, job.pp_size, tp,
+                               job.tp_size, 0,           1,  job.microbatches};
+          m.layers.assign(job.layers.begin() + pp * layers_per_stage,
+                          job.layers.begin() + (pp + 1) * layers_per_stage);
           m.seq_len = job.seq_len;
           m.objective.aux_type = AuxScope::kMicroBatch;
           m.objective.coeff = 0.01;
@@ -113,7 +117,8 @@ std::vector<CaptureRankRecord> buildJob(const JobShape& job) {
                 record.valid.push_back(validFor(job, sequence, p) ? 1 : 0);
                 for (int c = 0; c < job.hidden; ++c) record.input.push_back(inputFor(l, sequence, p, c));
                 if (job.topk)
-                  for (int j = 0; j < job.top_k; ++j) record.topk.push_back(topkFor(sequence, p, j, job.experts));
+                  for (int j = 0; j < job.top_k; ++j)
+                    record.topk.push_back(topkFor(sequence, p, j, job.experts));
               }
               layer.microbatches.push_back(std::move(record));
             }
@@ -167,17 +172,21 @@ void spit(const fs::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << bytes;
 }
-fs::path rankPath(const fs::path& dir, int rank) { return dir / ("rank" + std::to_string(rank) + ".safetensors"); }
+fs::path rankPath(const fs::path& dir, int rank) {
+  return dir / ("rank" + std::to_string(rank) + ".safetensors");
+}
 
 // Rewrites a rank file's tensors and metadata through the safetensors writer.
-void editFile(const fs::path& dir, int rank,
-              const std::function<void(std::vector<NamedTensor>&, std::map<std::string, std::string>&)>& edit) {
+void editFile(
+    const fs::path& dir, int rank,
+    const std::function<void(std::vector<NamedTensor>&, std::map<std::string, std::string>&)>& edit) {
   SafetensorsFile file = readSafetensorsFile(rankPath(dir, rank).string());
   edit(file.tensors, file.metadata);
   writeSafetensors(rankPath(dir, rank).string(), file.tensors, file.metadata);
 }
 void editTensors(const fs::path& dir, int rank, const std::function<void(std::vector<NamedTensor>&)>& edit) {
-  editFile(dir, rank, [&](std::vector<NamedTensor>& tensors, std::map<std::string, std::string>&) { edit(tensors); });
+  editFile(dir, rank,
+           [&](std::vector<NamedTensor>& tensors, std::map<std::string, std::string>&) { edit(tensors); });
 }
 NamedTensor& tensorNamed(std::vector<NamedTensor>& tensors, const std::string& name) {
   for (NamedTensor& t : tensors)
@@ -185,8 +194,9 @@ NamedTensor& tensorNamed(std::vector<NamedTensor>& tensors, const std::string& n
   throw std::logic_error("no tensor " + name + " in the test file");
 }
 void removeTensor(std::vector<NamedTensor>& tensors, const std::string& name) {
-  tensors.erase(std::remove_if(tensors.begin(), tensors.end(), [&](const NamedTensor& t) { return t.name == name; }),
-                tensors.end());
+  tensors.erase(
+      std::remove_if(tensors.begin(), tensors.end(), [&](const NamedTensor& t) { return t.name == name; }),
+      tensors.end());
 }
 void renameTensor(std::vector<NamedTensor>& tensors, const std::string& from, const std::string& to) {
   tensorNamed(tensors, from).name = to;
@@ -264,7 +274,8 @@ class CaptureTest : public ::testing::Test {
       const std::string prefix = expected_file + (pointer.empty() ? ": " : ": " + pointer + ": ");
       EXPECT_EQ(message.rfind(prefix, 0), 0u) << message;
       for (const std::string& fragment : fragments)
-        EXPECT_NE(message.find(fragment), std::string::npos) << "message: " << message << "\nmissing: " << fragment;
+        EXPECT_NE(message.find(fragment), std::string::npos)
+            << "message: " << message << "\nmissing: " << fragment;
       return message;
     } catch (const std::exception& e) {
       ADD_FAILURE() << "expected InputError, got another exception: " << e.what();
@@ -341,9 +352,9 @@ TEST_F(CaptureTest, LoadsTokensGroupsWeightsAndGradients) {
       const CaptureToken& token = layer.tokens[t];
       EXPECT_EQ(token.sequence, t / 4);
       EXPECT_EQ(token.position, t % 4);
-      EXPECT_EQ(token.dp, t / 8);          // sequences 0, 1 on replica 0
+      EXPECT_EQ(token.dp, t / 8);  // sequences 0, 1 on replica 0
       EXPECT_EQ(token.microbatch, t / 4 % 2);
-      EXPECT_EQ(token.valid, t != 15);     // the last position of the last sequence is padding
+      EXPECT_EQ(token.valid, t != 15);  // the last position of the last sequence is padding
       EXPECT_EQ(layer.row_dtype[t], CaptureFloat::kF32);
       for (int c = 0; c < 3; ++c) EXPECT_EQ(rows[t * 3 + c], inputFor(l, t / 4, t % 4, c)) << t << "," << c;
     }
@@ -440,7 +451,8 @@ TEST_F(CaptureTest, ManifestDefaultsAreFilledIn) {
   editAllManifests(dir_, 4, [](OrderedJson& m) {
     for (const char* key : {"tp", "ep", "ep_size"}) m["mesh"].erase(key);
     m["mesh"]["tp_size"] = 2;  // the sizes must still multiply to the world
-    for (const char* key : {"z_loss_coeff", "z_loss_scope", "norm_topk_prob", "exclude_padding", "group_weighting"})
+    for (const char* key :
+         {"z_loss_coeff", "z_loss_scope", "norm_topk_prob", "exclude_padding", "group_weighting"})
       m["objective"].erase(key);
     m.erase("framework");
     m.erase("created_by");
@@ -502,7 +514,8 @@ TEST_F(CaptureTest, ComputeDtypeDefaultsToTheCoarsestGradientDtype) {
   const Case cases[] = {
       {{CaptureFloat::kF64, CaptureFloat::kF64, CaptureFloat::kF64, CaptureFloat::kF64}, DType::kFloat64},
       {{CaptureFloat::kF32, CaptureFloat::kF32, CaptureFloat::kF32, CaptureFloat::kF32}, DType::kFloat32},
-      {{CaptureFloat::kBF16, CaptureFloat::kBF16, CaptureFloat::kBF16, CaptureFloat::kBF16}, DType::kBFloat16},
+      {{CaptureFloat::kBF16, CaptureFloat::kBF16, CaptureFloat::kBF16, CaptureFloat::kBF16},
+       DType::kBFloat16},
       {{CaptureFloat::kF16, CaptureFloat::kF16, CaptureFloat::kF16, CaptureFloat::kF16}, DType::kBFloat16},
       {{CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kF64, CaptureFloat::kF64}, DType::kFloat32},
       {{CaptureFloat::kF32, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF64}, DType::kBFloat16},
@@ -522,7 +535,8 @@ TEST_F(CaptureTest, ComputeDtypeDefaultsToTheCoarsestGradientDtype) {
 }
 
 TEST_F(CaptureTest, EveryFloatDtypeAndBoolValidityRead) {
-  for (CaptureFloat dtype : {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
+  for (CaptureFloat dtype :
+       {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
     std::vector<CaptureRankRecord> ranks = buildJob(JobShape{});
     for (CaptureRankRecord& rank : ranks) {
       rank.input_dtype = rank.weight_dtype = rank.grad_dtype = dtype;
@@ -566,7 +580,8 @@ TEST_F(CaptureTest, CopiesWithinFourUlpsAreTheSame) {
   mb.input[row * 3 + 2] = f32Ulps(mb.input[row * 3 + 2], 4);
   layerOf(ranks, 1, 0).weight[5] = f32Ulps(layerOf(ranks, 1, 0).weight[5], 4);
   // Rank 3's copy in bfloat16: 4 ulps of BF16 at 1.0 (2^-7 each) above rank 2's 1.0.
-  for (CaptureRankRecord& rank : ranks) rank.input_dtype = rank.manifest.rank == 3 ? CaptureFloat::kBF16 : CaptureFloat::kF32;
+  for (CaptureRankRecord& rank : ranks)
+    rank.input_dtype = rank.manifest.rank == 3 ? CaptureFloat::kBF16 : CaptureFloat::kF32;
   CaptureMicrobatchRecord& mb2 = mbOf(ranks, 2, 0, 0);
   CaptureMicrobatchRecord& mb3 = mbOf(ranks, 3, 0, 0);
   mb2.input[rowOf(mb2, 2, 0) * 3] = 1.0;
@@ -619,9 +634,9 @@ TEST_F(CaptureTest, WriterWritesEveryManifestKeyAndTheTensorTable) {
   // The keys of the format's manifest, in its order.
   std::vector<std::string> keys;
   for (const auto& item : manifest.items()) keys.push_back(item.key());
-  EXPECT_EQ(keys, (std::vector<std::string>{"schema_version", "rank", "world_size", "mesh", "layers", "seq_len",
-                                            "objective", "router_inputs_detached", "main_loss_scale", "framework",
-                                            "created_by"}));
+  EXPECT_EQ(keys, (std::vector<std::string>{"schema_version", "rank", "world_size", "mesh", "layers",
+                                            "seq_len", "objective", "router_inputs_detached",
+                                            "main_loss_scale", "framework", "created_by"}));
   EXPECT_EQ(manifest["mesh"], OrderedJson::parse(R"({"dp": 0, "dp_size": 2, "cp": 0, "cp_size": 1, "pp": 0,
       "pp_size": 1, "tp": 0, "tp_size": 2, "ep": 0, "ep_size": 1, "microbatches": 2})"));
   EXPECT_EQ(manifest["objective"], OrderedJson::parse(R"({"aux_type": "micro_batch", "coeff": 0.01,
@@ -649,7 +664,8 @@ TEST_F(CaptureTest, WriterWritesEveryManifestKeyAndTheTensorTable) {
   ranks[0].manifest.objective.compute_dtype_given = true;
   ranks[0].manifest.objective.compute_dtype = DType::kFloat64;
   writeCaptureRank(fileOf(0), ranks[0]);
-  EXPECT_EQ(OrderedJson::parse(readSafetensorsFile(fileOf(0)).metadata.at("moe_lbcheck_capture"))["objective"]["compute_dtype"],
+  EXPECT_EQ(OrderedJson::parse(readSafetensorsFile(fileOf(0)).metadata.at(
+                "moe_lbcheck_capture"))["objective"]["compute_dtype"],
             "float64");
 }
 
@@ -756,6 +772,7 @@ using Tensors = std::vector<NamedTensor>;
 const auto kNoRecordEdit = std::function<void(Records&)>();
 const auto kNoFileEdit = std::function<void(const fs::path&)>();
 
+// clang-format off
 const RejectCase kFileCases[] = {
     {"missing_rank_file", Base::kPlain, kNoRecordEdit, [](const fs::path& d) { fs::remove(rankPath(d, 2)); },
      "rank2.safetensors", "", {"world_size is 4 (rank0.safetensors /world_size)", "this one is missing"}},
@@ -765,15 +782,19 @@ const RejectCase kFileCases[] = {
      [](const fs::path& d) { fs::copy_file(rankPath(d, 3), rankPath(d, 4)); }, "rank4.safetensors", "",
      {"no file beyond rank 3: world_size is 4", "got rank 4"}},
     {"zero_padded_name", Base::kPlain, kNoRecordEdit,
-     [](const fs::path& d) { fs::rename(rankPath(d, 1), d / "rank01.safetensors"); }, "rank01.safetensors", "",
+     [](const fs::path& d) { fs::rename(rankPath(d, 1), d / "rank01.safetensors"); }, "rank01.safetensors",
+     "",
      {"without zero padding", "got \"rank01.safetensors\""}},
     {"letters_in_name", Base::kPlain, kNoRecordEdit,
-     [](const fs::path& d) { fs::copy_file(rankPath(d, 1), d / "rank1b.safetensors"); }, "rank1b.safetensors", "",
+     [](const fs::path& d) { fs::copy_file(rankPath(d, 1), d / "rank1b.safetensors"); },
+     "rank1b.safetensors", "",
      {"no other file may match rank*.safetensors"}},
     {"no_rank_number", Base::kPlain, kNoRecordEdit,
-     [](const fs::path& d) { spit(d / "rank.safetensors", ""); }, "rank.safetensors", "", {"rank{R}.safetensors"}},
+     [](const fs::path& d) { spit(d / "rank.safetensors", ""); }, "rank.safetensors", "",
+     {"rank{R}.safetensors"}},
     {"negative_rank_name", Base::kPlain, kNoRecordEdit,
-     [](const fs::path& d) { spit(d / "rank-1.safetensors", ""); }, "rank-1.safetensors", "", {"R = 0, 1, 2"}},
+     [](const fs::path& d) { spit(d / "rank-1.safetensors", ""); }, "rank-1.safetensors", "",
+     {"R = 0, 1, 2"}},
     {"no_rank_files", Base::kPlain, kNoRecordEdit,
      [](const fs::path& d) {
        for (int r = 0; r < 4; ++r) fs::remove(rankPath(d, r));
@@ -809,7 +830,8 @@ const RejectCase kFileCases[] = {
      "rank1.safetensors", "", {"a JSON header", "invalid JSON"}},
     {"header_offsets_overlap", Base::kPlain, kNoRecordEdit,
      [](const fs::path& d) {
-       editHeader(d, 2, [](OrderedJson& h) { h["layer0.weight.grad"]["data_offsets"] = h["layer0.weight"]["data_offsets"]; });
+       editHeader(d, 2,
+       [](OrderedJson& h) { h["layer0.weight.grad"]["data_offsets"] = h["layer0.weight"]["data_offsets"]; });
      },
      "rank2.safetensors", "/layer0.weight.grad/data_offsets", {"overlaps tensor \"layer0.weight\""}},
     {"header_offsets_run_past_the_end", Base::kPlain, kNoRecordEdit,
@@ -818,7 +840,8 @@ const RejectCase kFileCases[] = {
          h["layer0.mb0.input"]["data_offsets"] = OrderedJson::array({1u << 20, (1u << 20) + 48});
        });
      },
-     "rank0.safetensors", "/layer0.mb0.input/data_offsets", {"(the data buffer size), got [1048576, 1048624]"}},
+     "rank0.safetensors", "/layer0.mb0.input/data_offsets",
+     {"(the data buffer size), got [1048576, 1048624]"}},
     {"declared_shape_too_large_to_allocate", Base::kPlain, kNoRecordEdit,
      [](const fs::path& d) {
        editHeader(d, 0, [](OrderedJson& h) {
@@ -833,11 +856,13 @@ const RejectCase kFileCases[] = {
          h["layer0.mb0.input"]["data_offsets"] = OrderedJson::array({0, 1ull << 42});
        });
      },
-     "rank0.safetensors", "/layer0.mb0.input/data_offsets", {"(the data buffer size), got [0, 4398046511104]"}},
+     "rank0.safetensors", "/layer0.mb0.input/data_offsets",
+     {"(the data buffer size), got [0, 4398046511104]"}},
     {"tensor_dtype_unknown_to_safetensors", Base::kPlain, kNoRecordEdit,
      [](const fs::path& d) { editHeader(d, 1, [](OrderedJson& h) { h["layer0.weight"]["dtype"] = "F24"; }); },
      "rank1.safetensors", "/layer0.weight/dtype", {"a known dtype", "\"F24\""}},
 };
+// clang-format on
 INSTANTIATE_TEST_SUITE_P(CaptureFiles, CaptureRejectTest, ::testing::ValuesIn(kFileCases), testName);
 
 // Manifest edits: on one rank file (rank 0 unless the label says otherwise) or on all of them.
@@ -848,9 +873,12 @@ std::function<void(const fs::path&)> onAllManifests(std::function<void(OrderedJs
   return [edit](const fs::path& d) { editAllManifests(d, 4, edit); };
 }
 std::function<void(const fs::path&)> onManifestText(int rank, std::string from, std::string to) {
-  return [rank, from, to](const fs::path& d) { editManifestText(d, rank, [&](std::string& t) { replaceOnce(t, from, to); }); };
+  return [rank, from, to](const fs::path& d) {
+    editManifestText(d, rank, [&](std::string& t) { replaceOnce(t, from, to); });
+  };
 }
 
+// clang-format off
 const RejectCase kManifestCases[] = {
     {"no_manifest", Base::kPlain, kNoRecordEdit,
      [](const fs::path& d) {
@@ -864,26 +892,36 @@ const RejectCase kManifestCases[] = {
      "rank0.safetensors", "/__metadata__/format", {"only the key \"moe_lbcheck_capture\"", "got \"format\""}},
     {"manifest_not_json", Base::kPlain, kNoRecordEdit,
      [](const fs::path& d) { editManifestText(d, 0, [](std::string& t) { t = "{\"schema_version\": 1,"; }); },
-     "rank0.safetensors", "/__metadata__/moe_lbcheck_capture", {"the capture manifest, one JSON object", "invalid JSON at line 1"}},
+     "rank0.safetensors", "/__metadata__/moe_lbcheck_capture", {"the capture manifest, one JSON object",
+     "invalid JSON at line 1"}},
     {"manifest_an_array", Base::kPlain, kNoRecordEdit,
-     [](const fs::path& d) { editManifestText(d, 0, [](std::string& t) { t = "[1, 2]"; }); }, "rank0.safetensors",
+     [](const fs::path& d) { editManifestText(d, 0, [](std::string& t) { t = "[1, 2]"; }); },
+     "rank0.safetensors",
      "", {"a JSON object as the manifest, got an array"}},
-    {"schema_version_2", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["schema_version"] = 2; }),
+    {"schema_version_2", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["schema_version"] = 2; }),
      "rank0.safetensors", "/schema_version", {"schema_version 1", "got 2"}},
-    {"schema_version_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m.erase("schema_version"); }),
+    {"schema_version_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m.erase("schema_version"); }),
      "rank0.safetensors", "/schema_version", {"required key \"schema_version\"", "missing"}},
-    {"unknown_top_level_key", Base::kPlain, kNoRecordEdit, onManifest(2, [](OrderedJson& m) { m["bogus"] = 1; }),
+    {"unknown_top_level_key", Base::kPlain,
+     kNoRecordEdit, onManifest(2, [](OrderedJson& m) { m["bogus"] = 1; }),
      "rank2.safetensors", "/bogus",
-     {"unknown key \"bogus\"; allowed keys: schema_version, rank, world_size, mesh, layers, seq_len, objective, "
-      "router_inputs_detached, main_loss_scale, framework, created_by"}},
-    {"unknown_key_near_miss", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["seqlen"] = 4; }),
+     {"unknown key \"bogus\"; allowed keys: schema_version, rank, world_size, mesh, layers, seq_len, "
+      "objective, router_inputs_detached, main_loss_scale, framework, created_by"}},
+    {"unknown_key_near_miss", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["seqlen"] = 4; }),
      "rank0.safetensors", "/seqlen", {"(did you mean \"seq_len\"?)"}},
-    {"unknown_mesh_key", Base::kPlain, kNoRecordEdit, onManifest(1, [](OrderedJson& m) { m["mesh"]["dp_szie"] = 2; }),
-     "rank1.safetensors", "/mesh/dp_szie", {"unknown key \"dp_szie\" (did you mean \"dp_size\"?)", "allowed keys in /mesh"}},
+    {"unknown_mesh_key", Base::kPlain,
+     kNoRecordEdit, onManifest(1, [](OrderedJson& m) { m["mesh"]["dp_szie"] = 2; }),
+     "rank1.safetensors", "/mesh/dp_szie", {"unknown key \"dp_szie\" (did you mean \"dp_size\"?)",
+     "allowed keys in /mesh"}},
     {"unknown_objective_key", Base::kPlain, kNoRecordEdit,
-     onManifest(0, [](OrderedJson& m) { m["objective"]["alpha"] = 0.01; }), "rank0.safetensors", "/objective/alpha",
+     onManifest(0, [](OrderedJson& m) { m["objective"]["alpha"] = 0.01; }), "rank0.safetensors",
+     "/objective/alpha",
      {"unknown key \"alpha\"", "allowed keys in /objective: aux_type, coeff"}},
-    {"duplicate_key", Base::kPlain, kNoRecordEdit, onManifestText(0, "\"seq_len\":4", "\"seq_len\":4,\"seq_len\":4"),
+    {"duplicate_key", Base::kPlain,
+     kNoRecordEdit, onManifestText(0, "\"seq_len\":4", "\"seq_len\":4,\"seq_len\":4"),
      "rank0.safetensors", "/seq_len", {"\"seq_len\" appears twice"}},
     {"duplicate_nested_key", Base::kPlain, kNoRecordEdit,
      onManifestText(3, "\"microbatches\":2", "\"microbatches\":2,\"microbatches\":3"), "rank3.safetensors",
@@ -893,7 +931,8 @@ const RejectCase kManifestCases[] = {
     {"infinity_literal", Base::kPlain, kNoRecordEdit,
      onManifestText(0, "\"main_loss_scale\":0.0", "\"main_loss_scale\":Infinity"), "rank0.safetensors",
      "/main_loss_scale", {"a finite number, got Infinity"}},
-    {"negative_infinity_as_integer", Base::kPlain, kNoRecordEdit, onManifestText(0, "\"seq_len\":4", "\"seq_len\":-Infinity"),
+    {"negative_infinity_as_integer", Base::kPlain,
+     kNoRecordEdit, onManifestText(0, "\"seq_len\":4", "\"seq_len\":-Infinity"),
      "rank0.safetensors", "/seq_len", {"an integer >= 1, got -Infinity"}},
     {"number_overflowing_a_double", Base::kPlain, kNoRecordEdit,
      onManifestText(0, "\"z_loss_coeff\":0.0", "\"z_loss_coeff\":1e999"), "rank0.safetensors",
@@ -901,13 +940,15 @@ const RejectCase kManifestCases[] = {
     {"nan_as_string_value", Base::kPlain, kNoRecordEdit,
      onManifestText(0, "\"framework\":\"unit test\"", "\"framework\":NaN"), "rank0.safetensors", "/framework",
      {"a string, got NaN"}},
-    {"rank_not_the_file_name", Base::kPlain, kNoRecordEdit, onManifest(1, [](OrderedJson& m) { m["rank"] = 2; }),
+    {"rank_not_the_file_name", Base::kPlain,
+     kNoRecordEdit, onManifest(1, [](OrderedJson& m) { m["rank"] = 2; }),
      "rank1.safetensors", "/rank", {"1, the R of the file name rank1.safetensors, got 2"}},
     {"rank_beyond_world", Base::kPlain, kNoRecordEdit, onManifest(3, [](OrderedJson& m) { m["rank"] = 7; }),
      "rank3.safetensors", "/rank", {"an integer in [0, world_size = 4), got 7"}},
     {"rank_a_string", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["rank"] = "0"; }),
      "rank0.safetensors", "/rank", {"got \"0\""}},
-    {"world_not_the_mesh_product", Base::kPlain, kNoRecordEdit, onAllManifests([](OrderedJson& m) { m["world_size"] = 8; }),
+    {"world_not_the_mesh_product", Base::kPlain,
+     kNoRecordEdit, onAllManifests([](OrderedJson& m) { m["world_size"] = 8; }),
      "rank0.safetensors", "/world_size",
      {"dp_size * cp_size * pp_size * tp_size = 2 * 1 * 1 * 2", "ep is carved out", "got 8"}},
     {"tp_size_left_out", Base::kPlain, kNoRecordEdit,
@@ -921,35 +962,48 @@ const RejectCase kManifestCases[] = {
        m["world_size"] = 2;
        m["mesh"]["dp_size"] = 1;
      }),
-     "rank1.safetensors", "/world_size", {"the same value in every rank file, rank0.safetensors has 4, got 2"}},
-    {"coordinate_beyond_size", Base::kPlain, kNoRecordEdit, onManifest(2, [](OrderedJson& m) { m["mesh"]["dp"] = 2; }),
+     "rank1.safetensors", "/world_size",
+     {"the same value in every rank file, rank0.safetensors has 4, got 2"}},
+    {"coordinate_beyond_size", Base::kPlain,
+     kNoRecordEdit, onManifest(2, [](OrderedJson& m) { m["mesh"]["dp"] = 2; }),
      "rank2.safetensors", "/mesh/dp", {"an integer in [0, dp_size = 2), got 2"}},
-    {"negative_coordinate", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["cp"] = -1; }),
+    {"negative_coordinate", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["cp"] = -1; }),
      "rank0.safetensors", "/mesh/cp", {"an integer in [0, cp_size = 1), got -1"}},
-    {"ep_beyond_ep_size", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["ep"] = 1; }),
+    {"ep_beyond_ep_size", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["ep"] = 1; }),
      "rank0.safetensors", "/mesh/ep", {"an integer in [0, ep_size = 1), got 1"}},
-    {"size_zero", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["pp_size"] = 0; }),
+    {"size_zero", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["pp_size"] = 0; }),
      "rank0.safetensors", "/mesh/pp_size", {"an integer >= 1, got 0"}},
-    {"size_fraction", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["dp_size"] = 2.5; }),
+    {"size_fraction", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"]["dp_size"] = 2.5; }),
      "rank0.safetensors", "/mesh/dp_size", {"an integer >= 1, got 2.5"}},
-    {"mesh_key_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"].erase("pp"); }),
+    {"mesh_key_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"].erase("pp"); }),
      "rank0.safetensors", "/mesh/pp", {"required key \"pp\"", "missing"}},
     {"microbatches_zero", Base::kPlain, kNoRecordEdit,
-     onManifest(0, [](OrderedJson& m) { m["mesh"]["microbatches"] = 0; }), "rank0.safetensors", "/mesh/microbatches",
+     onManifest(0, [](OrderedJson& m) { m["mesh"]["microbatches"] = 0; }), "rank0.safetensors",
+     "/mesh/microbatches",
      {"an integer >= 1, got 0"}},
     {"mesh_not_an_object", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["mesh"] = 4; }),
      "rank0.safetensors", "/mesh", {"an object, got 4"}},
-    {"layers_not_an_array", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = 0; }),
+    {"layers_not_an_array", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = 0; }),
      "rank0.safetensors", "/layers", {"an array of distinct layer indices >= 0, got 0"}},
-    {"layer_twice", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {1, 0, 1}; }),
+    {"layer_twice", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {1, 0, 1}; }),
      "rank0.safetensors", "/layers/2", {"distinct layer indices, got layer 1 twice"}},
-    {"nan_in_layers", Base::kPlain, kNoRecordEdit, onManifestText(0, "\"layers\":[0,1]", "\"layers\":[0,NaN]"),
+    {"nan_in_layers", Base::kPlain,
+     kNoRecordEdit, onManifestText(0, "\"layers\":[0,1]", "\"layers\":[0,NaN]"),
      "rank0.safetensors", "/layers/1", {"an integer >= 0, got NaN"}},
-    {"layer_negative", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {0, -1}; }),
+    {"layer_negative", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {0, -1}; }),
      "rank0.safetensors", "/layers/1", {"an integer >= 0, got -1"}},
     {"seq_len_zero", Base::kPlain, kNoRecordEdit, onAllManifests([](OrderedJson& m) { m["seq_len"] = 0; }),
      "rank0.safetensors", "/seq_len", {"an integer >= 1, got 0"}},
-    {"objective_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m.erase("objective"); }),
+    {"objective_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m.erase("objective"); }),
      "rank0.safetensors", "/objective", {"an object (required key \"objective\"), missing"}},
     {"aux_type_missing", Base::kPlain, kNoRecordEdit,
      onManifest(0, [](OrderedJson& m) { m["objective"].erase("aux_type"); }), "rank0.safetensors",
@@ -957,18 +1011,25 @@ const RejectCase kManifestCases[] = {
     {"aux_type_near_miss", Base::kPlain, kNoRecordEdit,
      onManifest(0, [](OrderedJson& m) { m["objective"]["aux_type"] = "microbatch"; }), "rank0.safetensors",
      "/objective/aux_type",
-     {"one of \"micro_batch\", \"sequence\", \"global_batch\", got \"microbatch\" (did you mean \"micro_batch\"?)"}},
-    {"coeff_negative", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"]["coeff"] = -0.5; }),
+     {"one of \"micro_batch\", \"sequence\", \"global_batch\", got \"microbatch\" "
+       "(did you mean \"micro_batch\"?)"}},
+    {"coeff_negative", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"]["coeff"] = -0.5; }),
      "rank0.safetensors", "/objective/coeff", {"a finite number >= 0, got -0.5"}},
-    {"coeff_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"].erase("coeff"); }),
+    {"coeff_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"].erase("coeff"); }),
      "rank0.safetensors", "/objective/coeff", {"required key \"coeff\""}},
-    {"top_k_zero", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"]["top_k"] = 0; }),
+    {"top_k_zero", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"]["top_k"] = 0; }),
      "rank0.safetensors", "/objective/top_k", {"an integer >= 1, got 0"}},
-    {"top_k_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"].erase("top_k"); }),
+    {"top_k_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"].erase("top_k"); }),
      "rank0.safetensors", "/objective/top_k", {"required key \"top_k\""}},
-    {"score_unknown", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"]["score"] = "relu"; }),
+    {"score_unknown", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"]["score"] = "relu"; }),
      "rank0.safetensors", "/objective/score", {"one of \"softmax\", \"sigmoid\", got \"relu\""}},
-    {"score_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"].erase("score"); }),
+    {"score_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["objective"].erase("score"); }),
      "rank0.safetensors", "/objective/score", {"required key \"score\""}},
     {"z_loss_scope_sequence", Base::kPlain, kNoRecordEdit,
      onManifest(0, [](OrderedJson& m) { m["objective"]["z_loss_scope"] = "sequence"; }), "rank0.safetensors",
@@ -994,21 +1055,28 @@ const RejectCase kManifestCases[] = {
     {"router_inputs_detached_string", Base::kPlain, kNoRecordEdit,
      onManifest(0, [](OrderedJson& m) { m["router_inputs_detached"] = "true"; }), "rank0.safetensors",
      "/router_inputs_detached", {"true or false, got \"true\""}},
-    {"main_loss_not_zeroed", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["main_loss_scale"] = 1.0; }),
-     "rank0.safetensors", "/main_loss_scale", {"0 (the main loss multiplied by 0 before backward", "got 1.0"}},
-    {"main_loss_scale_missing", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m.erase("main_loss_scale"); }),
+    {"main_loss_not_zeroed", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["main_loss_scale"] = 1.0; }),
+     "rank0.safetensors", "/main_loss_scale", {"0 (the main loss multiplied by 0 before backward",
+     "got 1.0"}},
+    {"main_loss_scale_missing", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m.erase("main_loss_scale"); }),
      "rank0.safetensors", "/main_loss_scale", {"required key \"main_loss_scale\""}},
-    {"framework_not_a_string", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["framework"] = 5; }),
+    {"framework_not_a_string", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["framework"] = 5; }),
      "rank0.safetensors", "/framework", {"a string, got 5"}},
-    {"created_by_not_a_string", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["created_by"] = {1}; }),
+    {"created_by_not_a_string", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["created_by"] = {1}; }),
      "rank0.safetensors", "/created_by", {"a string, got an array"}},
     // The values every rank file shares.
     {"seq_len_differs", Base::kPlain, kNoRecordEdit, onManifest(3, [](OrderedJson& m) { m["seq_len"] = 8; }),
      "rank3.safetensors", "/seq_len", {"the same value in every rank file, rank0.safetensors has 4, got 8"}},
     {"microbatches_differ", Base::kPlain, kNoRecordEdit,
-     onManifest(2, [](OrderedJson& m) { m["mesh"]["microbatches"] = 3; }), "rank2.safetensors", "/mesh/microbatches",
+     onManifest(2, [](OrderedJson& m) { m["mesh"]["microbatches"] = 3; }), "rank2.safetensors",
+     "/mesh/microbatches",
      {"rank0.safetensors has 2, got 3"}},
-    {"coeff_differs", Base::kPlain, kNoRecordEdit, onManifest(2, [](OrderedJson& m) { m["objective"]["coeff"] = 0.02; }),
+    {"coeff_differs", Base::kPlain,
+     kNoRecordEdit, onManifest(2, [](OrderedJson& m) { m["objective"]["coeff"] = 0.02; }),
      "rank2.safetensors", "/objective/coeff", {"rank0.safetensors has 0.01, got 0.02"}},
     {"score_differs", Base::kPlain, kNoRecordEdit,
      onManifest(1, [](OrderedJson& m) { m["objective"]["score"] = "sigmoid"; }), "rank1.safetensors",
@@ -1026,27 +1094,35 @@ const RejectCase kManifestCases[] = {
      }),
      "rank1.safetensors", "/mesh/dp_size", {"rank0.safetensors has 2, got 1"}},
 };
+// clang-format on
 INSTANTIATE_TEST_SUITE_P(CaptureManifest, CaptureRejectTest, ::testing::ValuesIn(kManifestCases), testName);
 
 std::function<void(const fs::path&)> onTensors(int rank, std::function<void(Tensors&)> edit) {
   return [rank, edit](const fs::path& d) { editTensors(d, rank, edit); };
 }
 
+// clang-format off
 const RejectCase kTensorCases[] = {
     {"unknown_tensor_name", Base::kPlain, kNoRecordEdit,
-     onTensors(2, [](Tensors& t) { t.push_back(makeU8Tensor("optimizer.state", {1}, {0})); }), "rank2.safetensors",
+     onTensors(2, [](Tensors& t) { t.push_back(makeU8Tensor("optimizer.state", {1}, {0})); }),
+     "rank2.safetensors",
      "/optimizer.state", {"a tensor name of the capture table", "got \"optimizer.state\""}},
     {"unknown_tensor_near_miss", Base::kPlain, kNoRecordEdit,
-     onTensors(0, [](Tensors& t) { renameTensor(t, "layer1.mb0.input", "layer1.mb0.inputs"); }), "rank0.safetensors",
+     onTensors(0, [](Tensors& t) { renameTensor(t, "layer1.mb0.input", "layer1.mb0.inputs"); }),
+     "rank0.safetensors",
      "/layer1.mb0.inputs", {"(did you mean \"layer1.mb0.input\"?)"}},
     {"zero_padded_layer_index", Base::kPlain, kNoRecordEdit,
-     onTensors(0, [](Tensors& t) { renameTensor(t, "layer1.weight", "layer01.weight"); }), "rank0.safetensors",
+     onTensors(0, [](Tensors& t) { renameTensor(t, "layer1.weight", "layer01.weight"); }),
+     "rank0.safetensors",
      "/layer01.weight", {"without zero padding", "(did you mean \"layer1.weight\"?)"}},
-    {"layer_not_in_layers", Base::kPlain, kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {0}; }),
+    {"layer_not_in_layers", Base::kPlain,
+     kNoRecordEdit, onManifest(0, [](OrderedJson& m) { m["layers"] = {0}; }),
      "rank0.safetensors", "/layer1.weight", {"a tensor of a layer in this rank's /layers [0], got layer 1"}},
     {"huge_layer_index", Base::kPlain, kNoRecordEdit,
-     onTensors(0, [](Tensors& t) { t.push_back(makeU8Tensor("layer99999999999999999999999.weight", {1}, {0})); }),
-     "rank0.safetensors", "/layer99999999999999999999999.weight", {"/layers [0, 1], got layer 9223372036854775807"}},
+     onTensors(0,
+     [](Tensors& t) { t.push_back(makeU8Tensor("layer99999999999999999999999.weight", {1}, {0})); }),
+     "rank0.safetensors", "/layer99999999999999999999999.weight",
+     {"/layers [0, 1], got layer 9223372036854775807"}},
     {"microbatch_index_too_large", Base::kPlain, kNoRecordEdit,
      onTensors(1, [](Tensors& t) {
        for (const char* f : {"input", "sequence", "position", "valid"})
@@ -1064,26 +1140,32 @@ const RejectCase kTensorCases[] = {
        }
      },
      kNoFileEdit, "", "/layers", {"at least one layer held by some rank"}},
-    {"weight_missing", Base::kPlain, kNoRecordEdit, onTensors(1, [](Tensors& t) { removeTensor(t, "layer1.weight"); }),
+    {"weight_missing", Base::kPlain,
+     kNoRecordEdit, onTensors(1, [](Tensors& t) { removeTensor(t, "layer1.weight"); }),
      "rank1.safetensors", "/layer1.weight", {"the router weight", "missing"}},
-    {"grad_missing", Base::kPlain, kNoRecordEdit, onTensors(1, [](Tensors& t) { removeTensor(t, "layer0.weight.grad"); }),
+    {"grad_missing", Base::kPlain,
+     kNoRecordEdit, onTensors(1, [](Tensors& t) { removeTensor(t, "layer0.weight.grad"); }),
      "rank1.safetensors", "/layer0.weight.grad", {"the router weight's gradient [4, 3]", "missing"}},
-    {"input_missing", Base::kPlain, kNoRecordEdit, onTensors(0, [](Tensors& t) { removeTensor(t, "layer0.mb1.input"); }),
-     "rank0.safetensors", "/layer0.mb1.input", {"the router input rows [n, H]", "layer0.mb1.sequence is recorded", "missing"}},
+    {"input_missing", Base::kPlain,
+     kNoRecordEdit, onTensors(0, [](Tensors& t) { removeTensor(t, "layer0.mb1.input"); }),
+     "rank0.safetensors", "/layer0.mb1.input", {"the router input rows [n, H]",
+     "layer0.mb1.sequence is recorded", "missing"}},
     {"sequence_missing", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) { removeTensor(t, "layer0.mb1.sequence"); }), "rank0.safetensors",
      "/layer0.mb1.sequence", {"sequence indices [n] (I64)", "layer0.mb1.input is recorded", "missing"}},
     {"position_missing", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) { removeTensor(t, "layer0.mb0.position"); }), "rank0.safetensors",
      "/layer0.mb0.position", {"positions [n] (I64)", "missing"}},
-    {"valid_missing", Base::kPlain, kNoRecordEdit, onTensors(0, [](Tensors& t) { removeTensor(t, "layer1.mb1.valid"); }),
+    {"valid_missing", Base::kPlain,
+     kNoRecordEdit, onTensors(0, [](Tensors& t) { removeTensor(t, "layer1.mb1.valid"); }),
      "rank0.safetensors", "/layer1.mb1.valid", {"validity [n] (U8 or BOOL)", "missing"}},
     {"only_topk_of_a_microbatch", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) {
        NamedTensor topk = tensorNamed(t, "layer0.mb1.sequence");
        topk.name = "layer0.mb1.topk";
        t.push_back(topk);
-       for (const char* f : {"input", "sequence", "position", "valid"}) removeTensor(t, std::string("layer0.mb1.") + f);
+       for (const char* f : {"input", "sequence", "position", "valid"}) removeTensor(t,
+       std::string("layer0.mb1.") + f);
      }),
      "rank0.safetensors", "/layer0.mb1.input", {"layer0.mb1.topk is recorded", "missing"}},
     {"weight_integer_dtype", Base::kPlain, kNoRecordEdit,
@@ -1104,7 +1186,8 @@ const RejectCase kTensorCases[] = {
      }),
      "rank0.safetensors", "/layer0.mb0.sequence", {"dtype I64, got I32"}},
     {"position_f64", Base::kPlain, kNoRecordEdit,
-     onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb0.position").dtype = "F64"; }), "rank0.safetensors",
+     onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb0.position").dtype = "F64"; }),
+     "rank0.safetensors",
      "/layer0.mb0.position", {"dtype I64, got F64"}},
     {"valid_i8", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb0.valid").dtype = "I8"; }), "rank0.safetensors",
@@ -1120,13 +1203,15 @@ const RejectCase kTensorCases[] = {
      }),
      "rank0.safetensors", "/layer0.weight", {"got [0, 3]"}},
     {"grad_transposed", Base::kPlain, kNoRecordEdit,
-     onTensors(2, [](Tensors& t) { tensorNamed(t, "layer1.weight.grad").shape = {3, 4}; }), "rank2.safetensors",
+     onTensors(2, [](Tensors& t) { tensorNamed(t, "layer1.weight.grad").shape = {3, 4}; }),
+     "rank2.safetensors",
      "/layer1.weight.grad", {"shape [4, 3] (the shape of layer1.weight), got [3, 4]"}},
     {"input_of_another_hidden_size", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb0.input").shape = {3, 4}; }), "rank0.safetensors",
      "/layer0.mb0.input", {"shape [n, 3] (n rows of hidden size H from layer0.weight), got [3, 4]"}},
     {"input_three_dimensional", Base::kPlain, kNoRecordEdit,
-     onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb0.input").shape = {1, 4, 3}; }), "rank0.safetensors",
+     onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb0.input").shape = {1, 4, 3}; }),
+     "rank0.safetensors",
      "/layer0.mb0.input", {"got [1, 4, 3]"}},
     {"sequence_of_another_length", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) {
@@ -1134,9 +1219,11 @@ const RejectCase kTensorCases[] = {
        s.shape = {5};
        s.bytes.resize(40, 0);
      }),
-     "rank0.safetensors", "/layer0.mb0.sequence", {"shape [4] (one entry per row of layer0.mb0.input [4, 3]), got [5]"}},
+     "rank0.safetensors", "/layer0.mb0.sequence",
+     {"shape [4] (one entry per row of layer0.mb0.input [4, 3]), got [5]"}},
     {"position_two_dimensional", Base::kPlain, kNoRecordEdit,
-     onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb1.position").shape = {4, 1}; }), "rank0.safetensors",
+     onTensors(0, [](Tensors& t) { tensorNamed(t, "layer0.mb1.position").shape = {4, 1}; }),
+     "rank0.safetensors",
      "/layer0.mb1.position", {"shape [4] (one entry per row of layer0.mb1.input [4, 3]), got [4, 1]"}},
     {"valid_of_another_length", Base::kPlain, kNoRecordEdit,
      onTensors(0, [](Tensors& t) {
@@ -1157,7 +1244,8 @@ const RejectCase kTensorCases[] = {
        b.shape = {2, 2};
      }),
      "rank1.safetensors", "/layer1.expert_bias", {"shape [4] ([E], E from layer1.weight), got [2, 2]"}},
-    {"top_k_above_experts", Base::kPlain, kNoRecordEdit, onAllManifests([](OrderedJson& m) { m["objective"]["top_k"] = 5; }),
+    {"top_k_above_experts", Base::kPlain,
+     kNoRecordEdit, onAllManifests([](OrderedJson& m) { m["objective"]["top_k"] = 5; }),
      "rank0.safetensors", "/objective/top_k", {"top_k <= experts (E = 4 from layer0.weight [4, 3]), got 5"}},
     {"router_shape_differs_across_ranks", Base::kPlain,
      [](Records& ranks) {
@@ -1171,11 +1259,13 @@ const RejectCase kTensorCases[] = {
      kNoFileEdit, "rank2.safetensors", "/layer1.weight",
      {"shape [4, 3] as in rank0.safetensors (every rank holding layer 1 holds the same router), got [4, 4]"}},
 };
+// clang-format on
 INSTANTIATE_TEST_SUITE_P(CaptureTensors, CaptureRejectTest, ::testing::ValuesIn(kTensorCases), testName);
 
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 const double kInf = std::numeric_limits<double>::infinity();
 
+// clang-format off
 const RejectCase kValueCases[] = {
     {"position_at_seq_len", Base::kPlain, [](Records& r) { mbOf(r, 1, 0, 0).position[2] = 4; }, kNoFileEdit,
      "rank1.safetensors", "/layer0.mb0.position", {"positions in [0, seq_len = 4), element 2 is 4"}},
@@ -1191,16 +1281,20 @@ const RejectCase kValueCases[] = {
        mbOf(r, 2, 1, 0).valid[3] = 255;
      },
      kNoFileEdit, "rank2.safetensors", "/layer1.mb0.valid", {"element 3 is 255"}},
-    {"topk_expert_out_of_range", Base::kTopkAndBias, [](Records& r) { mbOf(r, 0, 1, 0).topk[3] = 4; }, kNoFileEdit,
-     "rank0.safetensors", "/layer1.mb0.topk", {"expert indices in [0, E = 4), element (row 1, column 1) is 4"}},
-    {"topk_expert_negative", Base::kTopkAndBias, [](Records& r) { mbOf(r, 0, 1, 0).topk[0] = -1; }, kNoFileEdit,
+    {"topk_expert_out_of_range", Base::kTopkAndBias,
+     [](Records& r) { mbOf(r, 0, 1, 0).topk[3] = 4; }, kNoFileEdit,
+     "rank0.safetensors", "/layer1.mb0.topk",
+     {"expert indices in [0, E = 4), element (row 1, column 1) is 4"}},
+    {"topk_expert_negative", Base::kTopkAndBias,
+     [](Records& r) { mbOf(r, 0, 1, 0).topk[0] = -1; }, kNoFileEdit,
      "rank0.safetensors", "/layer1.mb0.topk", {"element (row 0, column 0) is -1"}},
     {"topk_expert_twice", Base::kTopkAndBias,
      [](Records& r) {
        CaptureMicrobatchRecord& mb = mbOf(r, 1, 0, 1);
        mb.topk[5] = mb.topk[4];
      },
-     kNoFileEdit, "rank1.safetensors", "/layer0.mb1.topk", {"distinct experts within each row, row 2 lists expert"}},
+     kNoFileEdit, "rank1.safetensors", "/layer0.mb1.topk",
+     {"distinct experts within each row, row 2 lists expert"}},
     {"nan_in_input", Base::kPlain, [](Records& r) { mbOf(r, 2, 1, 0).input[5] = kNaN; }, kNoFileEdit,
      "rank2.safetensors", "/layer1.mb0.input", {"finite values, element (row 1, column 2) is NaN"}},
     {"inf_in_bf16_input", Base::kPlain,
@@ -1232,8 +1326,10 @@ const RejectCase kValueCases[] = {
     {"nan_in_expert_bias", Base::kTopkAndBias, [](Records& r) { layerOf(r, 0, 1).expert_bias[2] = kNaN; },
      kNoFileEdit, "rank0.safetensors", "/layer1.expert_bias", {"finite values, element 2 is NaN"}},
 };
+// clang-format on
 INSTANTIATE_TEST_SUITE_P(CaptureValues, CaptureRejectTest, ::testing::ValuesIn(kValueCases), testName);
 
+// clang-format off
 const RejectCase kAssemblyCases[] = {
     {"topk_missing_on_one_rank", Base::kTopkAndBias,
      [](Records& r) {
@@ -1250,7 +1346,8 @@ const RejectCase kAssemblyCases[] = {
          for (int j = 0; j < 2; ++j) mb.topk.push_back(topkFor(mb.sequence[i], mb.position[i], j, 4));
      },
      kNoFileEdit, "rank0.safetensors", "/layer1.mb0.topk", {"as rank3.safetensors records layer1.mb0.topk"}},
-    {"weights_differ_across_ranks", Base::kPlain, [](Records& r) { layerOf(r, 3, 1).weight[4] += 1.0; }, kNoFileEdit,
+    {"weights_differ_across_ranks", Base::kPlain,
+     [](Records& r) { layerOf(r, 3, 1).weight[4] += 1.0; }, kNoFileEdit,
      "rank3.safetensors", "/layer1.weight",
      {"the same weight (a capture is of one step) as rank0.safetensors to 4 ulps of F32",
       "element (row 1, column 1) is"}},
@@ -1262,12 +1359,16 @@ const RejectCase kAssemblyCases[] = {
        r[2].weight_dtype = CaptureFloat::kBF16;
        layerOf(r, 2, 0).weight[0] += 0.25;  // the values are exact in BF16: 0.25 is far above 4 of its ulps
      },
-     kNoFileEdit, "rank2.safetensors", "/layer0.weight", {"to 4 ulps of F32/BF16", "element (row 0, column 0)"}},
-    {"expert_bias_on_some_ranks_only", Base::kTopkAndBias, [](Records& r) { layerOf(r, 2, 1).expert_bias.clear(); },
+     kNoFileEdit, "rank2.safetensors", "/layer0.weight", {"to 4 ulps of F32/BF16",
+     "element (row 0, column 0)"}},
+    {"expert_bias_on_some_ranks_only", Base::kTopkAndBias,
+     [](Records& r) { layerOf(r, 2, 1).expert_bias.clear(); },
      kNoFileEdit, "rank2.safetensors", "/layer1.expert_bias",
      {"an expert bias, as rank0.safetensors records one", "missing"}},
-    {"expert_bias_differs", Base::kTopkAndBias, [](Records& r) { layerOf(r, 1, 0).expert_bias[3] = 9.0; }, kNoFileEdit,
-     "rank1.safetensors", "/layer0.expert_bias", {"the same expert bias", "element 3 is 9.0 here and 1.0 there"}},
+    {"expert_bias_differs", Base::kTopkAndBias,
+     [](Records& r) { layerOf(r, 1, 0).expert_bias[3] = 9.0; }, kNoFileEdit,
+     "rank1.safetensors", "/layer0.expert_bias", {"the same expert bias",
+     "element 3 is 9.0 here and 1.0 there"}},
     {"token_inputs_differ", Base::kPlain,
      [](Records& r) {
        CaptureMicrobatchRecord& mb = mbOf(r, 1, 0, 0);
@@ -1284,7 +1385,8 @@ const RejectCase kAssemblyCases[] = {
        const std::size_t row = rowOf(mb, 3, 2);
        mb.input[row * 3] = f32Ulps(mb.input[row * 3], 5);
      },
-     kNoFileEdit, "rank3.safetensors", "/layer1.mb1.input", {"token (sequence 3, position 2)", "(5.0 ulps apart)"}},
+     kNoFileEdit, "rank3.safetensors", "/layer1.mb1.input", {"token (sequence 3, position 2)",
+     "(5.0 ulps apart)"}},
     {"token_inputs_five_bf16_ulps_apart", Base::kPlain,
      [](Records& r) {
        for (CaptureRankRecord& rank : r) rank.input_dtype = CaptureFloat::kBF16;
@@ -1293,14 +1395,16 @@ const RejectCase kAssemblyCases[] = {
        mb2.input[rowOf(mb2, 2, 0) * 3] = 1.0;
        mb3.input[rowOf(mb3, 2, 0) * 3] = 1.0 + 5.0 / 128;
      },
-     kNoFileEdit, "rank3.safetensors", "/layer0.mb0.input", {"to 4 ulps of BF16", "1.0 there and 1.0390625 here"}},
+     kNoFileEdit, "rank3.safetensors", "/layer0.mb0.input", {"to 4 ulps of BF16",
+     "1.0 there and 1.0390625 here"}},
     {"token_validity_differs", Base::kPlain,
      [](Records& r) {
        CaptureMicrobatchRecord& mb = mbOf(r, 1, 1, 1);
        mb.valid[rowOf(mb, 1, 0)] = 0;
      },
      kNoFileEdit, "rank1.safetensors", "/layer1.mb1.valid",
-     {"the same validity for a token recorded by several ranks", "token (sequence 1, position 0)", "valid 1 there and 0 here"}},
+     {"the same validity for a token recorded by several ranks", "token (sequence 1, position 0)",
+      "valid 1 there and 0 here"}},
     {"token_in_two_replicas", Base::kPlain,
      [](Records& r) {
        // Ranks 2 and 3 (replica 1) record token (0, 0), which replica 0 holds.
@@ -1352,7 +1456,8 @@ const RejectCase kAssemblyCases[] = {
        }
      },
      kNoFileEdit, "rank2.safetensors", "/layer1.mb1.sequence",
-     {"the same token set in every layer, but token (sequence 3, position 1) of layer 0 (dp 1, microbatch 1) is "
+     {"the same token set in every layer, but token (sequence 3, position 1) of layer 0 "
+      "(dp 1, microbatch 1) is "
       "recorded by no rank holding layer 1 (ranks 0, 1, 2, 3)"}},
     {"token_only_in_a_later_layer", Base::kPlain,
      [](Records& r) {
@@ -1362,7 +1467,8 @@ const RejectCase kAssemblyCases[] = {
        }
      },
      kNoFileEdit, "rank0.safetensors", "/layer0.mb0.sequence",
-     {"token (sequence 0, position 0) of layer 1 (dp 0, microbatch 0) is recorded by no rank holding layer 0"}},
+     {"token (sequence 0, position 0) of layer 1 (dp 0, microbatch 0) is recorded by no rank holding "
+       "layer 0"}},
     {"layer_without_tokens", Base::kPlain,
      [](Records& r) {
        for (CaptureRankRecord& rank : r)
@@ -1372,6 +1478,7 @@ const RejectCase kAssemblyCases[] = {
      kNoFileEdit, "rank0.safetensors", "/layer1.mb0.input",
      {"router input rows of layer 1 from at least one rank, but no rank holding it records any"}},
 };
+// clang-format on
 INSTANTIATE_TEST_SUITE_P(CaptureAssembly, CaptureRejectTest, ::testing::ValuesIn(kAssemblyCases), testName);
 
 // ================================================================ float formats
@@ -1383,11 +1490,19 @@ TEST(CaptureFloatFormats, KnownBitPatterns) {
   };
   // binary16: sign 1, exponent 5 (bias 15), fraction 10.
   const Known f16[] = {
-      {0x0000, 0.0},          {0x3c00, 1.0},           {0xc000, -2.0},          {0x3555, 0.333251953125},
-      {0x7bff, 65504.0},      {0x0001, 5.9604644775390625e-08} /* 2^-24 */,   {0x03ff, 6.097555160522461e-05},
-      {0x0400, 6.103515625e-05} /* 2^-14 */,            {0x3bff, 0.99951171875}, {0xfbff, -65504.0},
+      {0x0000, 0.0},
+      {0x3c00, 1.0},
+      {0xc000, -2.0},
+      {0x3555, 0.333251953125},
+      {0x7bff, 65504.0},
+      {0x0001, 5.9604644775390625e-08} /* 2^-24 */,
+      {0x03ff, 6.097555160522461e-05},
+      {0x0400, 6.103515625e-05} /* 2^-14 */,
+      {0x3bff, 0.99951171875},
+      {0xfbff, -65504.0},
   };
-  for (const Known& k : f16) EXPECT_EQ(static_cast<double>(f16ToFloat(k.bits)), k.value) << std::hex << k.bits;
+  for (const Known& k : f16)
+    EXPECT_EQ(static_cast<double>(f16ToFloat(k.bits)), k.value) << std::hex << k.bits;
   EXPECT_TRUE(std::signbit(f16ToFloat(0x8000)));
   EXPECT_EQ(f16ToFloat(0x8000), 0.0f);
   EXPECT_EQ(f16ToFloat(0x7c00), std::numeric_limits<float>::infinity());
@@ -1396,11 +1511,17 @@ TEST(CaptureFloatFormats, KnownBitPatterns) {
   EXPECT_TRUE(std::isnan(f16ToFloat(0x7c01)));
   // bfloat16: sign 1, exponent 8 (bias 127), fraction 7.
   const Known bf16[] = {
-      {0x0000, 0.0},       {0x3f80, 1.0},           {0xc000, -2.0},
-      {0x4049, 3.140625},  {0x3eab, 0.333984375},   {0x7f7f, 3.3895313892515355e+38},
-      {0x0001, 9.183549615799121e-41} /* 2^-133 */, {0x0080, 1.1754943508222875e-38} /* 2^-126 */,
+      {0x0000, 0.0},
+      {0x3f80, 1.0},
+      {0xc000, -2.0},
+      {0x4049, 3.140625},
+      {0x3eab, 0.333984375},
+      {0x7f7f, 3.3895313892515355e+38},
+      {0x0001, 9.183549615799121e-41} /* 2^-133 */,
+      {0x0080, 1.1754943508222875e-38} /* 2^-126 */,
   };
-  for (const Known& k : bf16) EXPECT_EQ(static_cast<double>(bf16ToFloat(k.bits)), k.value) << std::hex << k.bits;
+  for (const Known& k : bf16)
+    EXPECT_EQ(static_cast<double>(bf16ToFloat(k.bits)), k.value) << std::hex << k.bits;
   EXPECT_EQ(bf16ToFloat(0x7f80), std::numeric_limits<float>::infinity());
   EXPECT_TRUE(std::isnan(bf16ToFloat(0x7fc0)));
 }
@@ -1415,7 +1536,8 @@ TEST(CaptureFloatFormats, EveryPatternRoundTripsExactly) {
     std::uint16_t (*encode)(double);
     std::uint16_t infinity;
   };
-  for (const Format& f : {Format{"F16", f16ToFloat, doubleToF16, 0x7c00}, Format{"BF16", bf16ToFloat, doubleToBf16, 0x7f80}}) {
+  for (const Format& f :
+       {Format{"F16", f16ToFloat, doubleToF16, 0x7c00}, Format{"BF16", bf16ToFloat, doubleToBf16, 0x7f80}}) {
     double previous = -1.0;
     for (std::uint32_t bits = 0; bits < f.infinity; ++bits) {
       const double value = f.decode(static_cast<std::uint16_t>(bits));
@@ -1449,12 +1571,12 @@ TEST(CaptureFloatFormats, F16AgreesWithTheCompilersFloat16) {
 
 TEST(CaptureFloatFormats, RoundingToNearestEven) {
   // bfloat16 at 1.0 has spacing 2^-7; halfway cases go to the even fraction.
-  EXPECT_EQ(doubleToBf16(1.0 + 0x1p-8), 0x3f80);          // tie -> 1.0 (fraction 0)
-  EXPECT_EQ(doubleToBf16(1.0 + 3 * 0x1p-8), 0x3f82);      // tie -> fraction 2, not 1
+  EXPECT_EQ(doubleToBf16(1.0 + 0x1p-8), 0x3f80);            // tie -> 1.0 (fraction 0)
+  EXPECT_EQ(doubleToBf16(1.0 + 3 * 0x1p-8), 0x3f82);        // tie -> fraction 2, not 1
   EXPECT_EQ(doubleToBf16(1.0 + 0x1p-8 + 0x1p-30), 0x3f81);  // above the tie
-  EXPECT_EQ(doubleToBf16(3.4e38), 0x7f80);                // beyond max + half a spacing: infinity
-  EXPECT_EQ(doubleToBf16(0x1p-134), 0x0000);              // half the least subnormal: tie -> 0
-  EXPECT_EQ(doubleToBf16(3 * 0x1p-134), 0x0002);          // tie -> 2 units
+  EXPECT_EQ(doubleToBf16(3.4e38), 0x7f80);                  // beyond max + half a spacing: infinity
+  EXPECT_EQ(doubleToBf16(0x1p-134), 0x0000);                // half the least subnormal: tie -> 0
+  EXPECT_EQ(doubleToBf16(3 * 0x1p-134), 0x0002);            // tie -> 2 units
   EXPECT_EQ(doubleToBf16(-0.0), 0x8000);
   EXPECT_EQ(doubleToBf16(std::numeric_limits<double>::quiet_NaN()) & 0x7fc0, 0x7fc0);
   // binary16: max 65504; 65520 is halfway to 65536 (not representable): infinity.
@@ -1499,7 +1621,8 @@ TEST(CaptureFloatFormats, UlpDistanceAndSpacing) {
 }
 
 TEST(CaptureFloatFormats, FirstNonFiniteFindsTheFirstOfManyInEveryDtype) {
-  for (CaptureFloat dtype : {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
+  for (CaptureFloat dtype :
+       {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
     // Long enough for the block path (1024 elements) and a tail.
     std::vector<double> values(2500, 1.5);
     std::vector<std::uint8_t> bytes;
@@ -1507,11 +1630,13 @@ TEST(CaptureFloatFormats, FirstNonFiniteFindsTheFirstOfManyInEveryDtype) {
     EXPECT_EQ(firstNonFinite(bytes.data(), values.size(), dtype), -1) << toString(dtype);
     for (std::size_t at : {std::size_t{0}, std::size_t{1023}, std::size_t{1500}, std::size_t{2499}}) {
       values.assign(2500, -65504.0);  // the largest finite F16 magnitude
-      values[at] = at % 2 ? std::numeric_limits<double>::quiet_NaN() : -std::numeric_limits<double>::infinity();
+      values[at] =
+          at % 2 ? std::numeric_limits<double>::quiet_NaN() : -std::numeric_limits<double>::infinity();
       if (at == 1500) values[2100] = std::numeric_limits<double>::infinity();
       bytes.clear();
       appendEncoded(bytes, values.data(), values.size(), dtype);
-      EXPECT_EQ(firstNonFinite(bytes.data(), values.size(), dtype), static_cast<std::int64_t>(at)) << toString(dtype);
+      EXPECT_EQ(firstNonFinite(bytes.data(), values.size(), dtype), static_cast<std::int64_t>(at))
+          << toString(dtype);
     }
   }
 }

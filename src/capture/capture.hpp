@@ -42,7 +42,8 @@ struct CaptureObjective {
   GroupWeighting group_weighting = GroupWeighting::kUniform;  // kUniform or kTokens only
   // The precision the job computed its aux math in; when the manifest leaves it out, the precision of
   // the gradient tensors (F64 -> float64, F32 -> float32, BF16 and F16 -> bfloat16 for tolerance
-  // purposes, see compute_dtype_name).
+  // purposes; the coarsest over every rank's gradients when they differ). loadCapture fills it in;
+  // compute_dtype_given says whether the manifest wrote it.
   DType compute_dtype = DType::kFloat32;
   bool compute_dtype_given = false;
 };

@@ -1,6 +1,9 @@
 #include "common/json_input.hpp"
 
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <set>
@@ -14,7 +17,7 @@ namespace moe::json_input {
 namespace {
 
 // Line and column (1-based) of a byte offset in `text`.
-std::pair<std::size_t, std::size_t> lineAndColumn(const std::string& text, std::size_t byte) {
+std::pair<std::size_t, std::size_t> lineAndColumn(std::string_view text, std::size_t byte) {
   std::size_t line = 1, column = 1;
   for (std::size_t i = 0; i < byte && i < text.size(); ++i) {
     if (text[i] == '\n') {
@@ -27,8 +30,18 @@ std::pair<std::size_t, std::size_t> lineAndColumn(const std::string& text, std::
   return {line, column};
 }
 
-// Where the parser is, as a JSON Pointer: kept by the parser callback, read when the parser throws
-// (a repeated key, a nesting too deep, a number out of range) so the error can name the value.
+// The parser's syntax error without nlohmann's "[json.exception.parse_error.101] parse error at ...: "
+// prefix.
+std::string syntaxDetail(const Json::parse_error& e) {
+  std::string detail = e.what();
+  const std::size_t at = detail.find("parse error");
+  const std::size_t colon = at == std::string::npos ? std::string::npos : detail.find(": ", at);
+  if (colon != std::string::npos) detail = detail.substr(colon + 2);
+  return detail;
+}
+
+// Where the parser is, as a JSON Pointer: kept by the parser callback, read when the parser stops
+// (a repeated key, a nesting too deep, a number out of range) so that the error can name the value.
 class PathTracker {
  public:
   // The pointer of the value the parser is reading now: inside an object the current key, inside
@@ -40,12 +53,11 @@ class PathTracker {
       const bool innermost = i + 1 == frames_.size();
       if (f.is_array)
         path = childPath(path, innermost ? f.next_index : f.next_index - 1);
-      else if (!f.current_key.empty() || f.has_key)
+      else if (f.has_key)
         path = childPath(path, f.current_key);
     }
     return path;
   }
-
   void enterValue() {
     if (!frames_.empty() && frames_.back().is_array) ++frames_.back().next_index;
   }
@@ -73,18 +85,15 @@ class PathTracker {
   std::vector<Frame> frames_;
 };
 
-}  // namespace
-
-Json parseDocument(const std::string& text, const std::string& file, int max_depth) {
-  auto tracker = std::make_shared<PathTracker>();
-  const Json::parser_callback_t callback = [tracker, &file, max_depth](int, Json::parse_event_t event,
-                                                                      Json& parsed) {
+// The parser callback of both parsers: repeated keys and nesting depth, named by pointer.
+Json::parser_callback_t trackingCallback(const std::shared_ptr<PathTracker>& tracker, const std::string& file,
+                                         int max_depth, bool strict_wording) {
+  return [tracker, file, max_depth, strict_wording](int, Json::parse_event_t event, Json& parsed) {
     switch (event) {
       case Json::parse_event_t::object_start:
       case Json::parse_event_t::array_start:
         if (tracker->depth() >= static_cast<std::size_t>(max_depth))
-          throw InputError(file, tracker->pendingValuePath(),
-                           fmt::format("nesting deeper than {} levels", max_depth));
+          throw InputError(file, tracker->pendingValuePath(), fmt::format("nesting deeper than {} levels", max_depth));
         tracker->enterValue();
         tracker->open(event == Json::parse_event_t::array_start);
         break;
@@ -92,7 +101,8 @@ Json parseDocument(const std::string& text, const std::string& file, int max_dep
         const std::string key = parsed.get<std::string>();
         if (!tracker->key(key))
           throw InputError(file, tracker->pendingValuePath(),
-                           fmt::format("key \"{}\" appears twice in the same object", key));
+                           strict_wording ? "a key that occurs once in its object; \"" + key + "\" appears twice"
+                                          : fmt::format("key \"{}\" appears twice in the same object", key));
         break;
       }
       case Json::parse_event_t::value:
@@ -105,47 +115,63 @@ Json parseDocument(const std::string& text, const std::string& file, int max_dep
     }
     return true;
   };
-  try {
-    return Json::parse(text, callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
-  } catch (const Json::parse_error& e) {
-    const auto [line, column] = lineAndColumn(text, e.byte > 0 ? e.byte - 1 : 0);
-    std::string detail = e.what();
-    const std::size_t at = detail.find("parse error");
-    const std::size_t colon = at == std::string::npos ? std::string::npos : detail.find(": ", at);
-    if (colon != std::string::npos) detail = detail.substr(colon + 2);
-    throw InputError(file, "",
-                     fmt::format("invalid JSON at line {}, column {} (byte {}): {}", line, column,
-                                 e.byte, detail));
-  } catch (const Json::out_of_range& e) {
-    // nlohmann throws out_of_range 406 for a float literal no double holds (1e400).
-    std::string detail = e.what();
-    const std::size_t bracket = detail.find("] ");
-    if (bracket != std::string::npos) detail = detail.substr(bracket + 2);
-    throw InputError(file, tracker->pendingValuePath(),
-                     fmt::format("a number within the range of a double, got {}", detail));
-  } catch (const Json::exception& e) {
-    throw InputError(file, tracker->pendingValuePath(), fmt::format("valid JSON: {}", e.what()));
-  }
 }
 
-std::string childPath(const std::string& parent, const std::string& key) {
-  std::string out = parent + "/";
-  for (char c : key) {
-    if (c == '~')
-      out += "~0";
-    else if (c == '/')
-      out += "~1";
-    else
-      out += c;
+// A NUL cannot occur unescaped in JSON text, so no string of a real document reads back with this
+// prefix unless it was written as "\u0000moe-lbcheck..." on purpose.
+constexpr std::string_view kNonFinitePrefix{"\0moe-lbcheck:non-finite:", 24};
+
+std::string markerFor(std::string_view literal) {
+  std::string marker = "\"\\u0000moe-lbcheck:non-finite:";
+  marker += literal;  // letters, digits, '+', '-', '.': nothing to escape
+  marker += '"';
+  return marker;
+}
+
+bool startsWith(std::string_view text, std::size_t at, std::string_view word) {
+  return text.substr(at, word.size()) == word;
+}
+
+// Replaces NaN, Infinity, -Infinity and numbers that overflow a double by marker strings; everything
+// else (strings included) is copied unchanged, so a document without them parses as before.
+std::string markNonFiniteNumbers(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  std::size_t i = 0;
+  while (i < text.size()) {
+    const char c = text[i];
+    if (c == '"') {  // a string, copied through its closing quote
+      const std::size_t start = i++;
+      while (i < text.size() && text[i] != '"') i += text[i] == '\\' ? 2 : 1;
+      i = std::min(i + 1, text.size());
+      out.append(text.substr(start, i - start));
+      continue;
+    }
+    bool marked = false;
+    for (std::string_view word : {std::string_view("-Infinity"), std::string_view("Infinity"), std::string_view("NaN")}) {
+      if (startsWith(text, i, word)) {
+        out += markerFor(word);
+        i += word.size();
+        marked = true;
+        break;
+      }
+    }
+    if (marked) continue;
+    if (c == '-' || (c >= '0' && c <= '9')) {
+      const std::size_t start = i;
+      while (i < text.size() && (std::string_view("0123456789+-.eE").find(text[i]) != std::string_view::npos)) ++i;
+      const std::string token(text.substr(start, i - start));
+      errno = 0;
+      const double value = std::strtod(token.c_str(), nullptr);
+      if (errno == ERANGE && std::isinf(value)) out += markerFor(token);
+      else out += token;
+      continue;
+    }
+    out += c;
+    ++i;
   }
   return out;
 }
-
-std::string childPath(const std::string& parent, std::size_t index) {
-  return parent + "/" + std::to_string(index);
-}
-
-namespace {
 
 // Edit distance, for "did you mean" hints on misspelt keys and names.
 std::size_t editDistance(const std::string& a, const std::string& b) {
@@ -165,6 +191,76 @@ std::size_t editDistance(const std::string& a, const std::string& b) {
 
 }  // namespace
 
+Json parseDocument(const std::string& text, const std::string& file, int max_depth) {
+  auto tracker = std::make_shared<PathTracker>();
+  try {
+    return Json::parse(text, trackingCallback(tracker, file, max_depth, false), /*allow_exceptions=*/true,
+                       /*ignore_comments=*/false);
+  } catch (const Json::parse_error& e) {
+    const auto [line, column] = lineAndColumn(text, e.byte > 0 ? e.byte - 1 : 0);
+    throw InputError(file, "",
+                     fmt::format("invalid JSON at line {}, column {} (byte {}): {}", line, column, e.byte,
+                                 syntaxDetail(e)));
+  } catch (const Json::out_of_range& e) {
+    // nlohmann throws out_of_range 406 for a float literal no double holds (1e400).
+    std::string detail = e.what();
+    const std::size_t bracket = detail.find("] ");
+    if (bracket != std::string::npos) detail = detail.substr(bracket + 2);
+    throw InputError(file, tracker->pendingValuePath(),
+                     fmt::format("a number within the range of a double, got {}", detail));
+  } catch (const Json::exception& e) {
+    throw InputError(file, tracker->pendingValuePath(), fmt::format("valid JSON: {}", e.what()));
+  }
+}
+
+Json parseJsonStrict(std::string_view text, const std::string& file, const std::string& document_pointer,
+                     const std::string& what_document, bool mark_non_finite, int max_depth) {
+  std::string marked;
+  if (mark_non_finite) {
+    marked = markNonFiniteNumbers(text);
+    text = marked;
+  }
+  auto tracker = std::make_shared<PathTracker>();
+  try {
+    return Json::parse(text.begin(), text.end(), trackingCallback(tracker, file, max_depth, true),
+                       /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const Json::parse_error& e) {
+    const auto [line, column] = lineAndColumn(text, e.byte > 0 ? e.byte - 1 : 0);
+    throw InputError(file, document_pointer,
+                     what_document + ", got invalid JSON at line " + std::to_string(line) + ", column " +
+                         std::to_string(column) + ": " + syntaxDetail(e));
+  } catch (const Json::exception& e) {  // e.g. out_of_range.406: a number beyond the double range
+    throw InputError(file, document_pointer, what_document + ", got JSON it cannot read: " + e.what());
+  }
+}
+
+std::optional<std::string> nonFiniteLiteral(const Json& value) {
+  if (!value.is_string()) return std::nullopt;
+  const std::string& text = value.get_ref<const std::string&>();
+  if (text.size() <= kNonFinitePrefix.size() || std::string_view(text).substr(0, kNonFinitePrefix.size()) != kNonFinitePrefix)
+    return std::nullopt;
+  return text.substr(kNonFinitePrefix.size());
+}
+
+std::string jsonPointerSegment(std::string_view key) {
+  std::string out;
+  for (char c : key) {
+    if (c == '~')
+      out += "~0";
+    else if (c == '/')
+      out += "~1";
+    else
+      out += c;
+  }
+  return out;
+}
+
+std::string childPath(const std::string& parent, const std::string& key) {
+  return parent + "/" + jsonPointerSegment(key);
+}
+
+std::string childPath(const std::string& parent, std::size_t index) { return parent + "/" + std::to_string(index); }
+
 std::string didYouMean(const std::string& given, const std::vector<std::string>& candidates) {
   std::string best;
   std::size_t best_distance = std::numeric_limits<std::size_t>::max();
@@ -179,8 +275,7 @@ std::string didYouMean(const std::string& given, const std::vector<std::string>&
   // "tp" does not suggest "dp").
   const std::size_t longer = std::max(given.size(), best.size());
   const std::size_t shorter = std::min(given.size(), best.size());
-  if (best.empty() || best_distance > std::max<std::size_t>(1, (longer + 2) / 4) ||
-      2 * best_distance >= shorter)
+  if (best.empty() || best_distance > std::max<std::size_t>(1, (longer + 2) / 4) || 2 * best_distance >= shorter)
     return "";
   return fmt::format(" (did you mean \"{}\"?)", best);
 }
@@ -188,6 +283,7 @@ std::string didYouMean(const std::string& given, const std::vector<std::string>&
 std::string describe(const Json& value) {
   if (value.is_object()) return "an object";
   if (value.is_array()) return "an array";
+  if (const auto literal = nonFiniteLiteral(value)) return *literal;
   std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
   if (text.size() > 60) text = text.substr(0, 57) + "...";
   return text;
@@ -209,9 +305,8 @@ void rejectUnknownKeys(const Json& object, const std::string& file, const std::s
   for (const auto& item : object.items()) {
     if (std::find(allowed.begin(), allowed.end(), item.key()) != allowed.end()) continue;
     throw InputError(file, childPath(path, item.key()),
-                     fmt::format("unknown key \"{}\"{}; allowed keys{}: {}", item.key(),
-                                 didYouMean(item.key(), allowed), path.empty() ? "" : " in " + path,
-                                 joinNames(allowed)));
+                     fmt::format("unknown key \"{}\"{}; allowed keys{}: {}", item.key(), didYouMean(item.key(), allowed),
+                                 path.empty() ? "" : " in " + path, joinNames(allowed)));
   }
 }
 

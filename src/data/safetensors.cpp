@@ -1,15 +1,22 @@
 #include "data/safetensors.hpp"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <set>
 #include <stdexcept>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
 #include "common/errors.hpp"
+#include "common/json_input.hpp"
 #include "report/reporters.hpp"  // writeFileAtomically
 
 namespace moe {
@@ -19,16 +26,8 @@ constexpr const char* kMetadataKey = "__metadata__";
 // The reference implementation refuses headers above 100 MB; so do we (and never allocate more).
 constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
 
-// JSON pointer of a tensor entry (RFC 6901 escaping of '~' and '/').
-std::string pointerTo(const std::string& name) {
-  std::string pointer = "/";
-  for (char ch : name) {
-    if (ch == '~') pointer += "~0";
-    else if (ch == '/') pointer += "~1";
-    else pointer += ch;
-  }
-  return pointer;
-}
+// JSON pointer of a tensor entry.
+std::string pointerTo(const std::string& name) { return "/" + json_input::jsonPointerSegment(name); }
 
 std::string knownDtypes() {
   return "BOOL, U8, I8, F8_E4M3, F8_E5M2, U16, I16, F16, BF16, U32, I32, F32, U64, I64, F64";
@@ -44,21 +43,16 @@ std::uint64_t readLittleEndian(const std::uint8_t* bytes, int count) {
   return value;
 }
 
-struct EntryLocation {
-  std::string name;
-  std::uint64_t begin = 0, end = 0;
-};
-
 // Parses and validates one tensor entry of the header (everything except overlap, which needs all
-// entries). The bytes are read later.
-NamedTensor parseEntry(const std::string& path, const std::string& name, const nlohmann::json& entry,
-                       std::uint64_t buffer_size, EntryLocation& location) {
+// entries). Only sizes are computed here; nothing is read or allocated per element.
+TensorView parseEntry(const std::string& path, const std::string& name, const nlohmann::json& entry,
+                      std::uint64_t buffer_size, std::uint64_t& end_offset) {
   const std::string pointer = pointerTo(name);
   if (!entry.is_object()) {
     throw InputError(path, pointer, "an object with dtype, shape and data_offsets, got " +
                                         std::string(entry.type_name()));
   }
-  NamedTensor tensor;
+  TensorView tensor;
   tensor.name = name;
 
   if (!entry.contains("dtype") || !entry["dtype"].is_string()) {
@@ -76,15 +70,15 @@ NamedTensor parseEntry(const std::string& path, const std::string& name, const n
   }
   for (std::size_t i = 0; i < entry["shape"].size(); ++i) {
     const nlohmann::json& dim = entry["shape"][i];
-    if (!dim.is_number_integer() || dim.get<std::int64_t>() < 0) {
+    if (!dim.is_number_integer() || (!dim.is_number_unsigned() && dim.get<std::int64_t>() < 0) ||
+        (dim.is_number_unsigned() && dim.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
       throw InputError(path, pointer + "/shape/" + std::to_string(i),
                        "a non-negative integer, got " + dim.dump());
     }
     tensor.shape.push_back(dim.get<std::int64_t>());
   }
-  std::int64_t elements = 0;
   try {
-    elements = elementCount(tensor.shape);
+    tensor.elements = elementCount(tensor.shape);
   } catch (const std::invalid_argument&) {
     throw InputError(path, pointer + "/shape", "a shape whose element count fits in 64 bits, got " +
                                                    shapeToString(tensor.shape));
@@ -97,27 +91,36 @@ NamedTensor parseEntry(const std::string& path, const std::string& name, const n
                      "[begin, end] with non-negative integers, got " +
                          (offsets ? offsets->dump() : std::string("nothing")));
   }
-  location.name = name;
-  location.begin = (*offsets)[0].get<std::uint64_t>();
-  location.end = (*offsets)[1].get<std::uint64_t>();
-  if (location.begin > location.end || location.end > buffer_size) {
+  tensor.offset = (*offsets)[0].get<std::uint64_t>();
+  end_offset = (*offsets)[1].get<std::uint64_t>();
+  if (tensor.offset > end_offset || end_offset > buffer_size) {
     throw InputError(path, pointer + "/data_offsets",
                      "0 <= begin <= end <= " + std::to_string(buffer_size) +
-                         " (the data buffer size), got [" + std::to_string(location.begin) + ", " +
-                         std::to_string(location.end) + "]");
+                         " (the data buffer size), got [" + std::to_string(tensor.offset) + ", " +
+                         std::to_string(end_offset) + "]");
   }
-  const std::uint64_t expected_bytes = static_cast<std::uint64_t>(elements) * item_size;
-  if (elements != 0 && expected_bytes / item_size != static_cast<std::uint64_t>(elements)) {
-    throw InputError(path, pointer + "/shape", "a shape whose byte size fits in 64 bits");
+  std::uint64_t expected_bytes = 0;
+  if (__builtin_mul_overflow(static_cast<std::uint64_t>(tensor.elements), item_size, &expected_bytes)) {
+    throw InputError(path, pointer + "/shape", "a shape whose byte size fits in 64 bits, got " +
+                                                   shapeToString(tensor.shape) + " of " + tensor.dtype);
   }
-  if (location.end - location.begin != expected_bytes) {
+  if (end_offset - tensor.offset != expected_bytes) {
     throw InputError(path, pointer + "/data_offsets",
                      "end - begin = " + std::to_string(expected_bytes) + " bytes (shape " +
                          shapeToString(tensor.shape) + " of " + tensor.dtype + "), got " +
-                         std::to_string(location.end - location.begin));
+                         std::to_string(end_offset - tensor.offset));
   }
+  tensor.byte_size = expected_bytes;
   return tensor;
 }
+
+// Closes a file descriptor on every path out of open().
+struct FileDescriptor {
+  int fd = -1;
+  ~FileDescriptor() {
+    if (fd >= 0) ::close(fd);
+  }
+};
 
 }  // namespace
 
@@ -180,23 +183,38 @@ void writeSafetensors(const std::string& path, const std::vector<NamedTensor>& t
   writeFileAtomically(path, content);
 }
 
-SafetensorsFile readSafetensorsFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+SafetensorsView SafetensorsView::open(const std::string& path, bool prefault) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below as not a regular file).
+  FileDescriptor file{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
+  if (file.fd < 0) {
     throw InputError(path, "", std::string("a readable safetensors file (") + std::strerror(errno) + ")");
   }
-  in.seekg(0, std::ios::end);
-  const std::streamoff file_size_signed = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (!in || file_size_signed < 0) throw InputError(path, "", "a regular, seekable file");
-  const auto file_size = static_cast<std::uint64_t>(file_size_signed);
+  struct stat status {};
+  if (::fstat(file.fd, &status) != 0) {
+    throw InputError(path, "", std::string("a readable safetensors file (") + std::strerror(errno) + ")");
+  }
+  if (S_ISDIR(status.st_mode)) throw InputError(path, "", "a readable safetensors file, got a directory");
+  if (!S_ISREG(status.st_mode)) {
+    throw InputError(path, "", "a regular safetensors file, got a FIFO, socket or device");
+  }
+  SafetensorsView view;
+  view.path_ = path;
+  view.file_size_ = static_cast<std::uint64_t>(status.st_size);
+  const std::uint64_t file_size = view.file_size_;
   if (file_size < 8) {
     throw InputError(path, "", "at least 8 bytes (the u64 header length), the file has " +
                                    std::to_string(file_size));
   }
-  std::uint8_t length_bytes[8];
-  in.read(reinterpret_cast<char*>(length_bytes), 8);
-  const std::uint64_t header_size = readLittleEndian(length_bytes, 8);
+  void* base = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE | (prefault ? MAP_POPULATE : 0), file.fd, 0);
+  if (base == MAP_FAILED) {
+    throw InputError(path, "",
+                     std::string("a file that can be memory-mapped (") + std::strerror(errno) + ")");
+  }
+  view.mapping_ = std::shared_ptr<const void>(
+      base, [file_size](const void* address) { ::munmap(const_cast<void*>(address), file_size); });
+  const auto* bytes = static_cast<const std::uint8_t*>(base);
+
+  const std::uint64_t header_size = readLittleEndian(bytes, 8);
   if (header_size > file_size - 8) {
     throw InputError(path, "", "a header length within the file (at most " +
                                    std::to_string(file_size - 8) + " bytes), got " +
@@ -206,37 +224,16 @@ SafetensorsFile readSafetensorsFile(const std::string& path) {
     throw InputError(path, "", "a header of at most " + std::to_string(kMaxHeaderBytes) +
                                    " bytes, got " + std::to_string(header_size));
   }
-  std::string header_text(header_size, '\0');
-  in.read(header_text.data(), static_cast<std::streamsize>(header_size));
-  if (!in) throw InputError(path, "", "a readable header of " + std::to_string(header_size) + " bytes");
-
-  // Duplicate top-level names would silently shadow each other in a JSON object: refuse them.
-  std::set<std::string> seen_names;
-  std::string duplicate;
-  const nlohmann::json::parser_callback_t on_event =
-      [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-        if (event == nlohmann::json::parse_event_t::key && depth == 1 && parsed.is_string()) {
-          if (!seen_names.insert(parsed.get<std::string>()).second && duplicate.empty()) {
-            duplicate = parsed.get<std::string>();
-          }
-        }
-        return true;
-      };
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(header_text, on_event);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw InputError(path, "", std::string("a JSON header: ") + e.what());
-  }
+  const std::string_view header_text(reinterpret_cast<const char*>(bytes + 8), header_size);
+  // No key twice (a repeated tensor name would silently shadow the first), anywhere in the header.
+  const nlohmann::json header = json_input::parseJsonStrict(header_text, path, "", "a JSON header", false);
   if (!header.is_object()) {
     throw InputError(path, "", "a JSON object as header, got " + std::string(header.type_name()));
   }
-  if (!duplicate.empty()) throw InputError(path, pointerTo(duplicate), "a name that occurs once in the header");
 
-  SafetensorsFile file;
   const std::uint64_t data_start = 8 + header_size;
   const std::uint64_t buffer_size = file_size - data_start;
-  std::vector<EntryLocation> locations;
+  std::vector<std::uint64_t> ends;
   for (const auto& [name, entry] : header.items()) {
     if (name == kMetadataKey) {
       if (!entry.is_object()) throw InputError(path, pointerTo(name), "an object of string values");
@@ -244,50 +241,63 @@ SafetensorsFile readSafetensorsFile(const std::string& path) {
         if (!value.is_string()) {
           throw InputError(path, pointerTo(name) + pointerTo(key), "a string, got " + value.dump());
         }
-        file.metadata[key] = value.get<std::string>();
+        view.metadata_[key] = value.get<std::string>();
       }
       continue;
     }
-    EntryLocation location;
-    file.tensors.push_back(parseEntry(path, name, entry, buffer_size, location));
-    locations.push_back(location);
+    std::uint64_t end = 0;
+    view.tensors_.push_back(parseEntry(path, name, entry, buffer_size, end));
+    ends.push_back(end);
   }
 
   // File order; then any two non-empty tensors must not share a byte.
-  std::vector<std::size_t> order(file.tensors.size());
+  std::vector<std::size_t> order(view.tensors_.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return locations[a].begin != locations[b].begin ? locations[a].begin < locations[b].begin
-                                                     : locations[a].end < locations[b].end;
+    const TensorView &ta = view.tensors_[a], &tb = view.tensors_[b];
+    return ta.offset != tb.offset ? ta.offset < tb.offset : ends[a] < ends[b];
   });
-  const EntryLocation* previous = nullptr;
+  std::size_t previous = order.size();
   for (std::size_t index : order) {
-    const EntryLocation& current = locations[index];
-    if (current.begin == current.end) continue;
-    if (previous != nullptr && current.begin < previous->end) {
+    const TensorView& current = view.tensors_[index];
+    if (current.byte_size == 0) continue;
+    if (previous != order.size() && current.offset < ends[previous]) {
+      const TensorView& before = view.tensors_[previous];
       throw InputError(path, pointerTo(current.name) + "/data_offsets",
-                       "bytes not shared with another tensor, but [" + std::to_string(current.begin) +
-                           ", " + std::to_string(current.end) + ") overlaps tensor \"" +
-                           previous->name + "\" at [" + std::to_string(previous->begin) + ", " +
-                           std::to_string(previous->end) + ")");
+                       "bytes not shared with another tensor, but [" + std::to_string(current.offset) +
+                           ", " + std::to_string(ends[index]) + ") overlaps tensor \"" + before.name +
+                           "\" at [" + std::to_string(before.offset) + ", " + std::to_string(ends[previous]) +
+                           ")");
     }
-    previous = &current;
+    previous = index;
   }
 
-  std::vector<NamedTensor> ordered;
+  std::vector<TensorView> ordered;
   ordered.reserve(order.size());
   for (std::size_t index : order) {
-    NamedTensor& tensor = file.tensors[index];
-    const EntryLocation& location = locations[index];
-    tensor.bytes.resize(location.end - location.begin);
-    if (!tensor.bytes.empty()) {
-      in.seekg(static_cast<std::streamoff>(data_start + location.begin), std::ios::beg);
-      in.read(reinterpret_cast<char*>(tensor.bytes.data()), static_cast<std::streamsize>(tensor.bytes.size()));
-      if (!in) throw InputError(path, pointerTo(tensor.name), "readable data (the read failed)");
-    }
+    TensorView& tensor = view.tensors_[index];
+    tensor.data = bytes + data_start + tensor.offset;
+    view.index_.emplace(tensor.name, ordered.size());
     ordered.push_back(std::move(tensor));
   }
-  file.tensors = std::move(ordered);
+  view.tensors_ = std::move(ordered);
+  return view;
+}
+
+const TensorView* SafetensorsView::find(const std::string& name) const {
+  const auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+SafetensorsFile readSafetensorsFile(const std::string& path) {
+  const SafetensorsView view = SafetensorsView::open(path, /*prefault=*/true);
+  SafetensorsFile file;
+  file.metadata = view.metadata();
+  file.tensors.reserve(view.tensors().size());
+  for (const TensorView& t : view.tensors()) {
+    file.tensors.push_back(
+        NamedTensor{t.name, t.dtype, t.shape, std::vector<std::uint8_t>(t.data, t.data + t.byte_size)});
+  }
   return file;
 }
 

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -84,6 +85,7 @@ class SafetensorsTest : public ::testing::Test {
 using SafetensorsFormat = SafetensorsTest;
 using SafetensorsMalformed = SafetensorsTest;
 using SafetensorsProblem = SafetensorsTest;
+using SafetensorsMapped = SafetensorsTest;
 
 // ================================================================ format
 
@@ -257,6 +259,84 @@ TEST_F(SafetensorsMalformed, DuplicateNamesAndBadMetadata) {
   EXPECT_EQ(expectInputError(meta, {"a string"}), "/__metadata__/n");
   const std::string entry = rawFile("entry", R"({"t": [1, 2]})", "");
   EXPECT_EQ(expectInputError(entry, {"dtype, shape and data_offsets"}), "/t");
+}
+
+TEST_F(SafetensorsMalformed, EmptyFileAndDirectory) {
+  spit(pathOf("empty"), "");
+  expectInputError(pathOf("empty"), {"at least 8 bytes", "has 0"});
+  fs::create_directories(dir_ / "dir.safetensors");
+  expectInputError(pathOf("dir.safetensors"), {"got a directory"});
+}
+
+TEST_F(SafetensorsMalformed, UnreadableFile) {
+  writeSafetensors(pathOf("locked"), {makeU8Tensor("a", {1}, {1})});
+  fs::permissions(pathOf("locked"), fs::perms::none);
+  if (::access(pathOf("locked").c_str(), R_OK) == 0) {
+    fs::permissions(pathOf("locked"), fs::perms::owner_all);
+    GTEST_SKIP() << "running with permission to read a mode-000 file (root): cannot test it";
+  }
+  expectInputError(pathOf("locked"), {"readable safetensors file", "Permission denied"});
+  fs::permissions(pathOf("locked"), fs::perms::owner_all);
+}
+
+TEST_F(SafetensorsMalformed, DeclaredShapesBeyondTheFileAreRefusedBeforeAllocating) {
+  // 2^40 * 2^40 elements: the element count itself overflows.
+  const std::string count = rawFile(
+      "count", R"({"t": {"dtype": "F32", "shape": [1099511627776, 1099511627776], "data_offsets": [0, 4]}})",
+      "abcd");
+  EXPECT_EQ(expectInputError(count, {"element count fits in 64 bits", "[1099511627776, 1099511627776]"}),
+            "/t/shape");
+  // 2^62 elements of 8 bytes: the count fits, the byte size does not.
+  const std::string bytes = rawFile(
+      "bytes", R"({"t": {"dtype": "F64", "shape": [4611686018427387904], "data_offsets": [0, 8]}})",
+      std::string(8, '\0'));
+  EXPECT_EQ(expectInputError(bytes, {"byte size fits in 64 bits"}), "/t/shape");
+  // 4 TiB declared with matching offsets, in a file of 8 data bytes.
+  const std::string offsets = rawFile(
+      "offsets", R"({"t": {"dtype": "F32", "shape": [1048576, 1048576], "data_offsets": [0, 4398046511104]}})",
+      std::string(8, '\0'));
+  EXPECT_EQ(expectInputError(offsets, {"<= 8 (the data buffer size)", "got [0, 4398046511104]"}),
+            "/t/data_offsets");
+}
+
+TEST_F(SafetensorsMalformed, DuplicateMetadataKeyIsNamed) {
+  const std::string path = rawFile("meta", R"({"__metadata__": {"k": "a", "k": "b"}})", "");
+  EXPECT_EQ(expectInputError(path, {"occurs once", "\"k\" appears twice"}), "/__metadata__/k");
+}
+
+// ================================================================ zero-copy view
+
+TEST_F(SafetensorsMapped, PointsIntoTheMappedFileWithoutCopying) {
+  writeSafetensors(pathOf("v.safetensors"),
+                   {makeU8Tensor("mask", {3}, {1, 0, 1}), makeF64Tensor("w", {2}, {1.5, -2.0})},
+                   {{"k", "v"}});
+  const std::string bytes = slurp(pathOf("v.safetensors"));
+  std::shared_ptr<const void> mapping;
+  const std::uint8_t* w_data = nullptr;
+  {
+    const SafetensorsView view = SafetensorsView::open(pathOf("v.safetensors"));
+    EXPECT_EQ(view.fileSize(), bytes.size());
+    EXPECT_EQ(view.metadata().at("k"), "v");
+    ASSERT_EQ(view.tensors().size(), 2u);
+    EXPECT_EQ(view.tensors()[0].name, "mask");
+    const TensorView* w = view.find("w");
+    ASSERT_NE(w, nullptr);
+    EXPECT_EQ(view.find("nothing"), nullptr);
+    EXPECT_EQ(w->shape, (std::vector<std::int64_t>{2}));
+    EXPECT_EQ(w->elements, 2);
+    EXPECT_EQ(w->byte_size, 16u);
+    EXPECT_EQ(w->offset, 3u);  // after the 3 mask bytes
+    // The pointer is into the mapping: the file's last 16 bytes, at the mapping's base + file offset.
+    const auto* base = static_cast<const std::uint8_t*>(view.mapping().get());
+    EXPECT_EQ(w->data, base + bytes.size() - 16);
+    EXPECT_EQ(std::memcmp(w->data, bytes.data() + bytes.size() - 16, 16), 0);
+    mapping = view.mapping();
+    w_data = w->data;
+  }
+  // A copy of mapping() keeps the bytes valid after the view is gone.
+  double first = 0;
+  std::memcpy(&first, w_data, 8);
+  EXPECT_EQ(first, 1.5);
 }
 
 // ================================================================ problem data

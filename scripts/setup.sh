@@ -9,6 +9,8 @@ PACKAGES=(
   g++ cmake ninja-build ccache pkg-config
   libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev libfmt-dev libgtest-dev
   libblas-dev libopenblas0-pthread
+  # the capture helper, its tests and the real-job examples: Debian's torch, torchrun, venv + pip
+  python3-torch python3-venv python3-pip python3-setuptools
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

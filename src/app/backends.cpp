@@ -32,13 +32,13 @@ int runWithMeshBackend(const BackendOptions& options, const Scenario& scenario,
     requireCudaDevice(-1);  // fails clearly (exit 3) without a usable GPU
     session.mesh_communicator = makeNcclCommunicator;
   }
+  session.timeout = distributedTimeout();
   if (std::optional<RankEnvironment> env = detectRankEnvironment(options.nproc)) {
     checkRankEnvironment(*env, scenario, options.nproc);
-    session.timeout = distributedTimeout();
     return runDistributedRank(*env, scenario, session, leader);
   }
-  return launchLocalRanks(scenario, options.nproc != 0 ? options.nproc : static_cast<int>(scenario.mesh.world()),
-                          name);
+  return launchLocalRanks(scenario, options.nproc != 0 ? options.nproc : static_cast<int>(scenario.mesh.world()), name,
+                          [&](const RankEnvironment& env) { return runDistributedRank(env, scenario, session, leader); });
 }
 
 }  // namespace moe

@@ -62,15 +62,18 @@ MeshRequest requestFor(const Scenario& sc, const ProblemData& data, const RunKno
 
 }  // namespace
 
-CheckRunOutput runChecks(const Scenario& sc, MeshBackend& backend, const CheckRunOptions& options) {
+CheckRunOutput runChecks(const Scenario& input, MeshBackend& backend, const CheckRunOptions& options) {
   const auto t_start = std::chrono::steady_clock::now();
-  validateScenario(sc);  // the preset must express every fault before any work is done
+  validateScenario(input);  // the preset must express every fault before any work is done
+  // What runs is the resolved scenario: the preset's defaults filled in, its open bugs added when asked.
+  const Scenario sc = resolveScenario(input);
   const PresetRecord& preset = presetRecord(sc.framework.preset);
   CheckRunOutput out;
   ReportContext& context = out.report.context;
   context.kind = ReportKind::kRun;
   context.tool = toolInfo();
-  context.scenario = resolveScenario(sc);
+  context.scenario = sc;
+  if (sc.framework.open_bugs) context.open_bugs = openBugsFor(input);
   context.mesh = MeshSummary{sc.mesh, backend.name(), toString(sc.mesh.schedule)};
   ReportSummary& summary = out.report.summary;
 
@@ -158,8 +161,9 @@ CheckRunOutput runChecks(const Scenario& sc, MeshBackend& backend, const CheckRu
     if (auto finding = findObjectiveNotInvariant(here.aux + here.z, single.aux + single.z))
       checks.push_back(*finding);
   }
-  // The preset weighs groups by tokens without the scenario asking for it, and the groups differ.
-  if (alpha != 0.0 && sc.aux.group_weighting == GroupWeighting::kPreset &&
+  // The preset weighs groups by tokens without the scenario asking for it (the input left
+  // group_weighting to the preset; the resolved scenario names the preset's choice), and the groups differ.
+  if (alpha != 0.0 && input.aux.group_weighting == GroupWeighting::kPreset &&
       preset.group_weighting == GroupWeighting::kTokens && unequalAuxGroups(data, objective)) {
     ObjectiveDefinition uniform = objective;
     uniform.group_weighting = GroupWeighting::kUniform;

@@ -31,7 +31,12 @@ Scenario baseScenario() {
   return sc;
 }
 
-std::string meshText(const SelftestMesh& m) { return fmt::format("dp={} cp={} M={}", m.dp, m.cp, m.microbatches); }
+std::string meshText(const SelftestMesh& m) {
+  std::string text = fmt::format("dp={} cp={} M={}", m.dp, m.cp, m.microbatches);
+  if (m.tp > 1) text += fmt::format(" tp={}", m.tp);
+  if (m.ep > 1) text += fmt::format(" ep={}", m.ep);
+  return text;
+}
 
 }  // namespace
 
@@ -47,6 +52,10 @@ std::vector<SelftestCase> selftestCases() {
     sc.mesh.dp = spec.dp;
     sc.mesh.cp = spec.cp;
     sc.mesh.microbatches = spec.microbatches;
+    sc.mesh.tp = spec.tp;
+    sc.mesh.ep = spec.ep;
+    sc.aux.z_loss_coeff = spec.z_loss_coeff;
+    sc.aux.exclude_padding = spec.exclude_padding;
     if (!spec.padding) sc.data.valid_lengths.assign(sc.data.batch, sc.data.seq_len);
     // The exported files pin the weighting the preset resolves to (what the reference checks).
     sc = resolveScenario(sc);
@@ -87,8 +96,7 @@ Report runSelftest(MeshBackend& backend, const std::vector<Reporter*>& reporters
     const FaultRecord& record = faultRecord(c.fault);
     FaultCaseOutcome outcome;
     outcome.fault = c.fault;
-    outcome.mesh = fmt::format("dp={} cp={} M={} {}", c.buggy.mesh.dp, c.buggy.mesh.cp, c.buggy.mesh.microbatches,
-                               toString(c.buggy.framework.preset));
+    outcome.mesh = meshText(record.selftest) + " " + toString(c.buggy.framework.preset);
     outcome.expected_code = record.expected_diagnosis;
     outcome.expected_factor = record.expected_factor;
     const Report buggy = runChecks(c.buggy, backend).report;

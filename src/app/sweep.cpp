@@ -26,6 +26,8 @@ CheckResult rowOf(const Report& report, double seconds) {
   row.layout = report.context.mesh;
   const MeshSizes& m = report.context.mesh->sizes;
   row.name = fmt::format("dp={} pp={} cp={} M={}", m.dp, m.pp, m.cp, m.microbatches);
+  if (m.tp > 1) row.name += fmt::format(" tp={}", m.tp);
+  if (m.ep > 1) row.name += fmt::format(" ep={}", m.ep);
   row.ok = report.summary.verdict == Verdict::kPass;
   row.scale = 1.0;
   row.cosine = 1.0;
@@ -50,13 +52,15 @@ CheckResult rowOf(const Report& report, double seconds) {
 SweepPlan planSweep(const Scenario& base, const SweepOptions& options) {
   if (options.world < 1) throw UsageError("sweep: --world must be >= 1");
   SweepPlan plan;
-  for (int dp : divisorsOf(options.world))
-    for (int pp : divisorsOf(options.world / dp)) {
-      const int cp = options.world / (dp * pp);
+  for (int tp : divisorsOf(options.world))
+    for (int dp : divisorsOf(options.world / tp))
+      for (int pp : divisorsOf(options.world / (tp * dp))) {
+      const int cp = options.world / (tp * dp * pp);
       std::vector<int> microbatch_counts = {base.mesh.microbatches};
       if (options.all_microbatches && base.data.batch % dp == 0) microbatch_counts = divisorsOf(base.data.batch / dp);
       for (int m : microbatch_counts) {
         Scenario sc = base;
+        sc.mesh.tp = tp;
         sc.mesh.dp = dp;
         sc.mesh.pp = pp;
         sc.mesh.cp = cp;
@@ -72,7 +76,7 @@ SweepPlan planSweep(const Scenario& base, const SweepOptions& options) {
     }
   if (plan.layouts.empty())
     throw InputError(base.source_file, "/mesh",
-                     fmt::format("no dp x pp x cp layout of world {} is valid for this scenario (batch {}, "
+                     fmt::format("no tp x cp x dp x pp layout of world {} is valid for this scenario (batch {}, "
                                  "seq_len {}, layers {})",
                                  options.world, base.data.batch, base.data.seq_len, base.model.layers));
   return plan;

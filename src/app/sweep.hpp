@@ -1,4 +1,5 @@
-// `moe-lbcheck sweep`: the same scenario on every dp x pp x cp (x M) layout of a world size, one row
+// `moe-lbcheck sweep`: the same scenario on every tp x cp x dp x pp (x M) layout of a world size that
+// the scenario and its preset allow (ep and sequence_parallel kept as the scenario sets them), one row
 // per layout. The CI gate for parallelism invariance of the aux gradient.
 #pragma once
 
@@ -24,8 +25,8 @@ struct SweepPlan {
   std::vector<Scenario> layouts;
   int skipped_layouts = 0;  // factorizations the scenario does not allow (batch, seq_len, layers)
 };
-// Every (dp, pp, cp) with dp*pp*cp == world and, when all_microbatches, every M dividing the
-// per-replica batch. Throws InputError when no layout is valid.
+// Every (tp, dp, pp, cp) with tp*dp*pp*cp == world and, when all_microbatches, every M dividing the
+// per-replica batch, that validateScenario accepts. Throws InputError when no layout is valid.
 SweepPlan planSweep(const Scenario& scenario, const SweepOptions& options);
 
 // Runs every layout of the plan with `backend`, one row per layout fed to `reporter` as soon as it is

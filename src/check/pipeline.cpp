@@ -186,13 +186,10 @@ CheckResult findRoutingDifferences(int layer, std::int64_t differing, std::int64
                           "recorded top-k against the top-k of the recorded scores (+ expert bias)");
   c.layer = layer;
   c.elements = rows;
-  c.wrong = differing;
+  c.wrong = differing;  // the value: rows whose recorded top-k differs (#wrong/elements)
+  if (differing == 0) return c;
   c.diagnosis.code = DiagnosisCode::kRoutingDiffers;
   c.diagnosis.value = static_cast<double>(differing);
-  if (differing == 0) {
-    c.diagnosis.cause = fmt::format("all {} rows were routed to the top-k of their recorded scores", rows);
-    return c;
-  }
   c.diagnosis.cause = fmt::format(
       "{} of {} rows were routed to experts other than the top-k of their recorded scores (capacity drops, "
       "an expert bias not recorded, or ties); the reference uses the job's own routing",

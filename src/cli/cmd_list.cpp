@@ -16,12 +16,16 @@ struct ListOptions {
 
 int runList(const ListOptions& opt) {
   if (opt.what == "presets") {
-    for (const PresetRecord& p : presetCatalog())
-      std::cout << fmt::format("{:<20} {}\n{:<20} source: {}\n", p.name, p.summary, "", p.source);
+    for (const PresetRecord& p : presetCatalog()) {
+      std::string bugs;
+      for (Fault f : p.open_bugs) bugs += (bugs.empty() ? "" : ", ") + std::string(toString(f));
+      std::cout << fmt::format("{:<20} {}\n{:<20} source: {}\n{:<20} TP/SP/EP: {}\n{:<20} open bugs (run --with-open-bugs): {}\n",
+                               p.name, p.summary, "", p.source, "", p.parallel_source, "", bugs.empty() ? "none known" : bugs);
+    }
   } else {
     for (const FaultRecord& f : faultCatalog()) {
       const std::string factor = f.expected_factor;
-      std::cout << fmt::format("{:<34} {}\n{:<34} source: {}; expected: {}{}\n", f.name, f.summary, "", f.source,
+      std::cout << fmt::format("{:<38} {}\n{:<38} source: {}; expected: {}{}\n", f.name, f.summary, "", f.source,
                                toString(f.expected_diagnosis), factor.empty() ? "" : " factor " + factor);
     }
   }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "app/backends.hpp"
+#include "app/capture_export.hpp"
 #include "app/check_run.hpp"
 #include "cli/commands.hpp"
 #include "cli/overrides.hpp"
@@ -22,13 +23,17 @@ struct RunOptions {
   std::string report_json;
   std::string junit_xml;
   std::string dump_safetensors;
+  std::string capture_dir;
   bool quiet = false;
 };
 
 // Rank 0's (or the emulated process's) part: the checks, then every output rendered first and
 // written all or nothing.
 int leadRun(const RunOptions& opt, const Scenario& sc, MeshBackend& backend) {
-  CheckRunOutput out = runChecks(sc, backend);
+  if (!opt.capture_dir.empty()) requireCaptureDirectoryFree(opt.capture_dir);  // before any work
+  CheckRunOptions run_options;
+  run_options.capture = !opt.capture_dir.empty();
+  CheckRunOutput out = runChecks(sc, backend, run_options);
   const std::string console_text = renderReport(out.report, ReportFormat::kConsole, ConsoleOptions{opt.quiet});
   std::string json_text, junit_text;
   if (!opt.report_json.empty()) json_text = renderReport(out.report, ReportFormat::kJson);
@@ -38,8 +43,12 @@ int leadRun(const RunOptions& opt, const Scenario& sc, MeshBackend& backend) {
   try {
     if (!opt.dump_safetensors.empty())
       dumpProblemAndGradients(opt.dump_safetensors, out.data, out.reference_aux_grad, out.mesh_aux_grad);
+    // The capture is written last: nothing can fail after it.
+    if (out.capture_run)
+      writeCaptureDirectory(opt.capture_dir, captureOfMeshRun(sc, out.data, *out.capture_run, backend.name()));
   } catch (...) {
     for (const std::string& path : written) std::remove(path.c_str());  // no partial set of outputs
+    if (!opt.dump_safetensors.empty()) std::remove(opt.dump_safetensors.c_str());
     throw;
   }
   std::cout << console_text << std::flush;
@@ -66,6 +75,9 @@ void setupRunCommand(CLI::App& app, int& exit_code) {
   sub->add_option("--junit", opt->junit_xml, "Write JUnit XML (one testcase per check) here");
   sub->add_option("--dump", opt->dump_safetensors,
                   "Write inputs, weights and both aux gradients as float64 safetensors here");
+  sub->add_option("--capture", opt->capture_dir,
+                  "Also write the mesh's step as a capture (router inputs detached, main loss x 0) into this new "
+                  "directory, for `moe-lbcheck verify`");
   sub->add_flag("-q,--quiet", opt->quiet, "Print only failures and the footer");
   sub->callback([opt, &exit_code] { exit_code = runRun(*opt); });
 }

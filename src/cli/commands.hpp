@@ -14,5 +14,6 @@ void setupValidateCommand(CLI::App& app, int& exit_code);
 void setupListCommand(CLI::App& app, int& exit_code);
 void setupSweepCommand(CLI::App& app, int& exit_code);
 void setupSelftestCommand(CLI::App& app, int& exit_code);
+void setupVerifyCommand(CLI::App& app, int& exit_code);
 
 }  // namespace moe::cli

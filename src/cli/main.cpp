@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   moe::cli::setupValidateCommand(app, exit_code);
   moe::cli::setupListCommand(app, exit_code);
   moe::cli::setupSelftestCommand(app, exit_code);
+  moe::cli::setupVerifyCommand(app, exit_code);
   // CLI11 reports an unknown subcommand as "A subcommand is required"; name it instead.
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;

@@ -37,6 +37,11 @@ at::Tensor expertCounts(const at::Tensor& topk, const at::Tensor& token_mask, in
 
 at::Tensor applyExperts(const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
                         const LayerWeights& w) {
+  return h + expertOutput(h, topk, gates, w);
+}
+
+at::Tensor expertOutput(const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
+                        const LayerWeights& w) {
   const int64_t experts = w.expert_in.size(0);
   at::Tensor out = torch::zeros_like(h);
   for (int64_t e = 0; e < experts; ++e) {
@@ -47,7 +52,7 @@ at::Tensor applyExperts(const at::Tensor& h, const at::Tensor& topk, const at::T
     const at::Tensor hidden = torch::tanh(h.index_select(0, rows).mm(w.expert_in[e]));
     out = out.index_add(0, rows, gate * hidden.mm(w.expert_out[e]));
   }
-  return h + out;
+  return out;
 }
 
 namespace {

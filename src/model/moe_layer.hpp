@@ -31,7 +31,11 @@ Routing routeTokens(const at::Tensor& h, const at::Tensor& router_weight, const 
 // Per-expert routed-token counts of the rows selected by `token_mask` ([n] bool): [E], no gradient.
 at::Tensor expertCounts(const at::Tensor& topk, const at::Tensor& token_mask, int experts);
 
-// h + sum_{e in topk} g_e tanh(h A_e) B_e.
+// sum_{e in topk} g_e tanh(h A_e) B_e: the experts' contribution (their output without the residual).
+at::Tensor expertOutput(const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
+                        const LayerWeights& weights);
+
+// h + expertOutput(h, topk, gates, weights).
 at::Tensor applyExperts(const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
                         const LayerWeights& weights);
 

@@ -11,6 +11,7 @@
 
 #include "capture/capture.hpp"
 #include "common/diagnosis_code.hpp"
+#include "scenario/catalog.hpp"
 #include "scenario/scenario.hpp"
 
 namespace moe {
@@ -135,6 +136,7 @@ struct ReportContext {
   std::optional<CaptureSummary> capture;  // verify
   std::optional<MeshSummary> mesh;        // run
   int world = 0;                          // sweep: the world size
+  std::optional<OpenBugs> open_bugs;      // run with framework.open_bugs: applied and skipped
 };
 
 // What finalize() receives: the outcome of every row together.

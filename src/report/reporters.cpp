@@ -123,14 +123,6 @@ std::string describeMesh(const MeshSummary& m) {
   return text;
 }
 
-std::string layoutLabel(const MeshSummary& m) {
-  const MeshSizes& s = m.sizes;
-  std::string text = fmt::format("dp={} pp={} cp={} M={}", s.dp, s.pp, s.cp, s.microbatches);
-  if (s.tp > 1) text += fmt::format(" tp={}", s.tp);
-  if (s.ep > 1) text += fmt::format(" ep={}", s.ep);
-  return text;
-}
-
 std::string subjectName(const ReportContext& context) {
   if (context.scenario && !context.scenario->name.empty()) return context.scenario->name;
   if (context.capture) return context.capture->directory;
@@ -172,7 +164,7 @@ void writeCheckRow(std::ostream& out, const TableLayout& layout, const CheckResu
 }
 
 void writeLayoutHeader(std::ostream& out) {
-  out << fmt::format("#  {:<24} {:>12} {:>14} {:>7}  {}\n", "layout", "aux scale", "aux cosine", "result",
+  out << fmt::format("#  {:<32} {:>12} {:>14} {:>7}  {}\n", "layout", "aux scale", "aux cosine", "result",
                      "diagnosis");
 }
 
@@ -182,12 +174,12 @@ void writeLayoutRow(std::ostream& out, const CheckResult& row) {
   if (!row.ok && !row.failing_check.empty()) diagnosis += " (" + row.failing_check + ")";
   for (DiagnosisCode f : row.findings)
     diagnosis += (diagnosis.empty() ? "" : "; ") + std::string("finding ") + toString(f);
-  out << fmt::format("   {:<24} {:>12.9g} {:>14.10f} {:>7}  {}\n", row.name, row.scale, row.cosine,
+  out << fmt::format("   {:<32} {:>12.9g} {:>14.10f} {:>7}  {}\n", row.name, row.scale, row.cosine,
                      row.ok ? "OK" : "FAILED", diagnosis);
 }
 
 void writeFaultHeader(std::ostream& out) {
-  out << fmt::format("#  {:<34} {:<34} {:<24} {:<24} {:>12}  {:<6} {}\n", "fault", "mesh", "expected", "measured",
+  out << fmt::format("#  {:<38} {:<40} {:<26} {:<26} {:>12}  {:<6} {}\n", "fault", "mesh", "expected", "measured",
                      "aux scale", "fixed", "result");
 }
 
@@ -195,7 +187,7 @@ void writeFaultRow(std::ostream& out, const CheckResult& row) {
   const FaultCaseOutcome& f = *row.fault_case;
   std::string measured = codeAndFactor(f.measured_code, f.measured_factor);
   if (measured.empty()) measured = "(none: passed)";
-  out << fmt::format("   {:<34} {:<34} {:<24} {:<24} {:>12.6g}  {:<6} {}\n", row.name, f.mesh,
+  out << fmt::format("   {:<38} {:<40} {:<26} {:<26} {:>12.6g}  {:<6} {}\n", row.name, f.mesh,
                      codeAndFactor(f.expected_code, f.expected_factor), measured, row.scale,
                      f.twin_passes ? "pass" : "FAIL", row.ok ? "FLAGGED" : "MISSED");
 }
@@ -243,6 +235,14 @@ void ConsoleReporter::reportContext(const ReportContext& context) {
              " z_loss_coeff=" + numberText(sc.aux.z_loss_coeff);
     setup += std::string("  dtype: ") + toString(sc.model.dtype);
     out << setup << "\n";
+  }
+  if (context.open_bugs) {
+    std::string applied, skipped;
+    for (Fault f : context.open_bugs->applied) applied += (applied.empty() ? "" : ", ") + std::string(toString(f));
+    for (const auto& [f, why] : context.open_bugs->skipped)
+      skipped += (skipped.empty() ? "" : "; ") + std::string(toString(f)) + " (" + why + ")";
+    out << "# open bugs of the preset: applied " << (applied.empty() ? "none" : applied) << "; skipped "
+        << (skipped.empty() ? "none" : skipped) << "\n";
   }
   if (context.capture) {
     const CaptureSummary& c = *context.capture;
@@ -392,6 +392,8 @@ ordered_json meshJson(const MeshSummary& m) {
   mesh["dp"] = m.sizes.dp;
   mesh["pp"] = m.sizes.pp;
   mesh["cp"] = m.sizes.cp;
+  mesh["tp"] = m.sizes.tp;
+  mesh["ep"] = m.sizes.ep;
   mesh["microbatches"] = m.sizes.microbatches;
   mesh["world"] = m.sizes.world();
   mesh["backend"] = m.backend;
@@ -500,6 +502,16 @@ void JsonReporter::finalize(const ReportSummary& summary) {
         j["scenario_file"] = c.scenario ? c.scenario->source_file : std::string();
         j["scenario"] = c.scenario ? scenarioJson(*c.scenario) : ordered_json::object();
         j["mesh"] = meshJson(c.mesh ? *c.mesh : MeshSummary{});
+        ordered_json bugs;
+        bugs["enabled"] = c.open_bugs.has_value();
+        ordered_json applied = ordered_json::array(), skipped = ordered_json::array();
+        if (c.open_bugs) {
+          for (Fault f : c.open_bugs->applied) applied.push_back(toString(f));
+          for (const auto& [f, why] : c.open_bugs->skipped) skipped.push_back({{"fault", toString(f)}, {"reason", why}});
+        }
+        bugs["applied"] = applied;
+        bugs["skipped"] = skipped;
+        j["open_bugs"] = bugs;
       } else {
         j["capture"] = captureJson(c.capture ? *c.capture : CaptureSummary{});
       }

@@ -59,6 +59,27 @@ enum class PostReduction {
   kAutomodelPipeline,  // Automodel scale_grads_and_clip_grad_norm under PP: / (tokens / |dp_cp|)
 };
 
+// Whether the framework allows sequence parallelism with TP (Megatron refuses MoE training with TP
+// but without SP; NeMo Automodel refuses SP plans on MoE; DeepSpeed's Ulysses SP with MoE is not
+// covered by a source).
+enum class SequenceParallelRule { kRequiredWithTp, kOptional, kRefused };
+
+// Which tokens a router on a TP rank sees.
+enum class RouterTokensOverTp {
+  kShardedWithSp,  // Megatron: the router routes its S/(tp*cp) sequence-parallel shard
+  kShardedWithEp,  // torchtitan: EP on redistributes the router input to the sequence-parallel
+                   // placement (tokens split over TP); EP off: replicated on TP
+  kReplicated,     // NeMo Automodel, DeepSpeed: every TP rank routes the same tokens
+  kUnsupported,    // HF Trainer: no TP
+};
+
+// Which ranks an EP group is carved from (EP never adds ranks).
+enum class ExpertParallelCarve {
+  kTensorContextData,  // Megatron (expert grid over the tp*cp*dp block), torchtitan, NeMo Automodel
+  kData,               // DeepSpeed groups._get_expert_parallel_ranks: EP inside DP
+  kUnsupported,        // HF Trainer
+};
+
 struct PresetRecord {
   Preset id;
   const char* name;
@@ -74,6 +95,14 @@ struct PresetRecord {
   PostReduction post_reduction;
   bool divides_by_microbatches;  // every microbatch's loss / M (else normalized by token counts)
   const char* scale_knob;        // the knob a fix of a scaling bug changes, in the framework's words
+  // TP / SP / EP rules, each with its source in catalog.cpp.
+  SequenceParallelRule sequence_parallel;
+  RouterTokensOverTp router_tokens;
+  ExpertParallelCarve expert_parallel;
+  const char* parallel_source;  // where the TP/SP/EP rules come from
+  // The catalog faults the framework's current upstream code still has (list presets,
+  // run --with-open-bugs).
+  std::vector<Fault> open_bugs;
 };
 
 // What a fault's applicability predicate looks at.
@@ -89,6 +118,9 @@ struct SelftestMesh {
   AuxScope scope;
   int dp = 3, cp = 1, microbatches = 5;
   bool padding = true;  // unequal valid lengths
+  int tp = 1, ep = 1;
+  double z_loss_coeff = 0.0;
+  bool exclude_padding = true;  // false: padding counted, as without a padding mask
 };
 
 struct FaultRecord {
@@ -113,5 +145,22 @@ const FaultRecord& faultRecord(Fault fault);
 // Throws InputError(scenario.source_file, "/faults/<i>", ...) for the first fault that cannot act on
 // the scenario's preset, scope and mesh.
 void requireFaultsApply(const Scenario& scenario);
+
+// Throws InputError(scenario.source_file, "/mesh/...", ...) when the preset's framework does not
+// support the mesh's TP, SP or EP (the rules of PresetRecord::sequence_parallel, router_tokens and
+// expert_parallel), naming the rule's source.
+void requireMeshSupported(const Scenario& scenario);
+
+// Whether each TP rank's router sees its own share of the tokens (else every TP rank routes the same
+// tokens): the preset's rule applied to the scenario's mesh.
+bool routerTokensShardedOverTp(const Scenario& scenario);
+
+// The open bugs of the scenario's preset split into those that can act on its scope and mesh and the
+// others, with the reason.
+struct OpenBugs {
+  std::vector<Fault> applied;
+  std::vector<std::pair<Fault, std::string>> skipped;
+};
+OpenBugs openBugsFor(const Scenario& scenario);
 
 }  // namespace moe

@@ -305,7 +305,8 @@ Field<S> sectionField(const char* key, Sub S::*member, Fields<Sub> (*fields)()) 
           },
           [=](const S& s) {
             OrderedJson object = OrderedJson::object();
-            for (const Field<Sub>& f : fields()) object[f.key] = f.write(s.*member);
+            for (const Field<Sub>& f : fields())
+              if (f.write) object[f.key] = f.write(s.*member);
             return object;
           },
           [=](const Scenario& sc, const S& s, const std::string& path) {
@@ -397,10 +398,23 @@ Field<MeshConfig> meshSizeField(const char* key, int max_value) {
           }};
 }
 
+// Sequence parallelism: a boolean, or absent for the preset's default; written resolved.
+Field<MeshConfig> sequenceParallelField() {
+  return {"sequence_parallel",
+          [](const ValueReader& r, const Json& v, const std::string& path, MeshConfig& out) {
+            out.sequence_parallel = r.readBool(v, path);
+          },
+          nullptr,  // written by scenarioToJsonText with the preset's default filled in
+          {}};
+}
+
 Fields<MeshConfig> meshFields() {
   return {meshSizeField<&MeshSizes::dp>("dp", static_cast<int>(kMaxWorld)),
           meshSizeField<&MeshSizes::pp>("pp", static_cast<int>(kMaxWorld)),
           meshSizeField<&MeshSizes::cp>("cp", static_cast<int>(kMaxWorld)),
+          meshSizeField<&MeshSizes::tp>("tp", static_cast<int>(kMaxWorld)),
+          meshSizeField<&MeshSizes::ep>("ep", static_cast<int>(kMaxWorld)),
+          sequenceParallelField(),
           meshSizeField<&MeshSizes::microbatches>("microbatches", kMaxMicrobatches),
           enumField("schedule", &MeshConfig::schedule, kScheduleNames),
           intField("virtual_stages", &MeshConfig::virtual_stages, 1, kMaxLayers),
@@ -418,7 +432,8 @@ Fields<FrameworkConfig> frameworkFields() {
              out.preset = *preset;
            },
            [](const FrameworkConfig& f) { return OrderedJson(toString(f.preset)); },
-           {}}};
+           {}},
+          boolField("open_bugs", &FrameworkConfig::open_bugs)};
 }
 
 Fields<Expectation> expectFields() {
@@ -547,9 +562,13 @@ class ScenarioValidator {
     const DataConfig& data = sc_.data;
     const MeshConfig& mesh = sc_.mesh;
     const long long world = mesh.world();
-    if (world > kMaxWorld)
-      fail("/mesh", fmt::format("world size dp*pp*cp ({}*{}*{} = {}) must be <= {}", mesh.dp, mesh.pp,
-                                mesh.cp, world, kMaxWorld));
+    if (world > kMaxWorld) {
+      if (mesh.tp > 1)
+        fail("/mesh", fmt::format("world size tp*cp*dp*pp ({}*{}*{}*{} = {}) must be <= {}", mesh.tp, mesh.cp, mesh.dp,
+                                  mesh.pp, world, kMaxWorld));
+      fail("/mesh", fmt::format("world size dp*pp*cp ({}*{}*{} = {}) must be <= {}", mesh.dp, mesh.pp, mesh.cp, world,
+                                kMaxWorld));
+    }
     const long long tokens = 1ll * data.batch * data.seq_len;
     if (tokens > kMaxTokens)
       fail("/data", fmt::format("batch*seq_len ({}*{} = {} tokens) must be <= {}", data.batch,
@@ -589,6 +608,9 @@ class ScenarioValidator {
                        mesh.microbatches, mesh.pp));
 
     checkValidLengths(sc_);
+
+    // TP, SP and EP as the preset's framework allows them.
+    requireMeshSupported(sc_);
 
     // The same applicability rule `run` relies on: a fault that cannot act is refused here too.
     requireFaultsApply(sc_);
@@ -643,12 +665,25 @@ Scenario resolveScenario(const Scenario& scenario) {
   Scenario resolved = scenario;
   if (resolved.aux.group_weighting == GroupWeighting::kPreset)
     resolved.aux.group_weighting = presetRecord(scenario.framework.preset).group_weighting;
+  resolved.mesh.sequence_parallel = sequenceParallel(scenario);
+  if (scenario.framework.open_bugs)
+    for (Fault f : openBugsFor(scenario).applied)
+      if (std::find(resolved.faults.begin(), resolved.faults.end(), f) == resolved.faults.end())
+        resolved.faults.push_back(f);
   return resolved;
 }
 
 std::string scenarioToJsonText(const Scenario& scenario, int indent) {
   OrderedJson out = OrderedJson::object();
   for (const Field<Scenario>& f : scenarioFields()) out[f.key] = f.write(scenario);
+  // sequence_parallel depends on the preset and tp when the file leaves it out: written resolved, after tp
+  // and ep, where the reader takes it.
+  OrderedJson mesh = OrderedJson::object();
+  for (const auto& item : out["mesh"].items()) {
+    mesh[item.key()] = item.value();
+    if (item.key() == "ep") mesh["sequence_parallel"] = sequenceParallel(scenario);
+  }
+  out["mesh"] = mesh;
   return out.dump(indent, ' ', false, OrderedJson::error_handler_t::replace);
 }
 

@@ -48,6 +48,17 @@ enum class Fault {
   kStaleTokenDenominator,
   kBatchWiseCountsPerMicrobatch,
   kCoeffAsGate,
+  kPerTokenShardCount,
+  kZlossLocalShardMean,
+  kSeqAuxMeanValidLength,
+  kPerTokenLocalCount,
+  kInplaceCountAllreduce,
+  kRouterGradNotSummedOverTp,
+  kTpReduceWithoutEp,
+  kRouterGradSummedOverTpReplicated,
+  kEpRouterGradLocalSlots,
+  kTpMainGradOneShare,
+  kPerTokenMissingCount,
 };
 
 struct ModelConfig {
@@ -94,6 +105,9 @@ struct MeshSizes {
 };
 
 struct MeshConfig : MeshSizes {
+  // Sequence parallelism: with TP, the router routes its S/(tp*cp) shard of every sequence. Unset:
+  // the preset's default (resolveScenario): on whenever tp > 1 for Megatron, off elsewhere.
+  std::optional<bool> sequence_parallel;
   Schedule schedule = Schedule::kOneFOneB;
   int virtual_stages = 1;  // model chunks per pipeline rank; > 1 only with interleaved_1f1b
   CpLayout cp_layout = CpLayout::kContiguous;
@@ -101,6 +115,9 @@ struct MeshConfig : MeshSizes {
 
 struct FrameworkConfig {
   Preset preset = Preset::kMegatron;
+  // Add the catalog faults the preset's framework still ships (its record's open_bugs) that apply to
+  // the scenario's scope and mesh (run --with-open-bugs).
+  bool open_bugs = false;
 };
 
 struct Expectation {
@@ -141,9 +158,13 @@ Scenario parseScenarioText(const std::string& text, const std::string& file_for_
 void validateScenario(const Scenario& scenario);
 
 // The scenario with every preset-dependent default replaced by what the preset computes
-// (aux.group_weighting), as the report echoes it: a reader of a report knows which objective was
-// checked.
+// (aux.group_weighting, mesh.sequence_parallel) and, with framework.open_bugs, the preset's open bugs
+// that apply added to the faults: what runs, and what the report echoes, so that a reader of a report
+// knows which objective, mesh and faults were checked.
 Scenario resolveScenario(const Scenario& scenario);
+
+// mesh.sequence_parallel, or the preset's default when unset.
+bool sequenceParallel(const Scenario& scenario);
 
 // The scenario as JSON text (defaults filled in), as echoed in the report and written by
 // `selftest --export`; parseScenarioText reads it back to an equal scenario.

@@ -73,13 +73,25 @@ double Convention::auxValueMultiplier(const ScaleInputs& in, AuxScope scope) con
   // divide every microbatch by M (main loss / num_microbatches) need it back.
   if (scope == AuxScope::kGlobalBatch && preset->divides_by_microbatches) mult *= m.microbatches;
   switch (preset->aux_premultiplier) {
-    case AuxPremultiplier::kGroupTokens:
-      // attach_and_log_load_balancing_loss premultiplies by valid_token_count * |tp_cp| (the group's
-      // tokens); for sequence aux by the micro-batch's tokens: x micro-batch size (Megatron #5798 fix).
-      if (scope == AuxScope::kGlobalBatch) mult *= in.global_valid_tokens;
-      else mult *= in.group_aux_tokens;
+    case AuxPremultiplier::kGroupTokens: {
+      // attach_and_log_load_balancing_loss premultiplies by valid_token_count * |tp_cp|: as intended,
+      // the tp_cp group's tokens (exact for uneven shards too); for sequence aux the micro-batch's
+      // tokens: x micro-batch size (Megatron #5798 fix).
+      const double tensor_context = double(m.tp) * m.cp;
+      if (scope == AuxScope::kGlobalBatch) {
+        mult *= in.global_valid_tokens;
+      } else if (has(Fault::kPerTokenShardCount)) {
+        mult *= in.local_aux_tokens * tensor_context;  // n_r * |tp_cp| (PR #7481's proposal)
+      } else if (has(Fault::kPerTokenLocalCount) && !in.exclude_padding) {
+        mult *= in.local_aux_tokens;  // before PR #5047 without a padding mask: n_r alone
+      } else {
+        mult *= in.group_aux_tokens;
+        // #7452: with a padding mask the in-place all-reduce makes the "local" count the group's.
+        if (has(Fault::kInplaceCountAllreduce)) mult *= tensor_context;
+      }
       if (scope == AuxScope::kSequence && has(Fault::kSeqAuxMissingMbs)) mult /= in.micro_batch_size;
       break;
+    }
     case AuxPremultiplier::kTokenShareOfStep:
       // AuxLoss.inject: raw_sum * coeff / global_valid_tokens with raw_sum = T_G * L (token mode); a
       // global-batch partial already carries its 1 / T_global.
@@ -98,11 +110,26 @@ double Convention::auxValueMultiplier(const ScaleInputs& in, AuxScope scope) con
   return mult;
 }
 
+double Convention::zLossMultiplier(const ScaleInputs& in, AuxScope scope) const {
+  // Megatron computes the z-loss partial as (beta/|tp_cp|) x the local token mean, so a per-token
+  // premultiplier of n_r * |tp_cp| is exact for it whatever the shards hold; the aux premultiplier
+  // faults do not reach it, except the one before PR #5047, which premultiplied it by n_r alone:
+  // x 1/|tp_cp| whether or not a padding mask is passed.
+  Convention plain = *this;
+  for (Fault f : {Fault::kPerTokenShardCount, Fault::kPerTokenLocalCount, Fault::kInplaceCountAllreduce})
+    plain.faults.erase(f);
+  double mult = plain.auxValueMultiplier(in, scope);
+  if (has(Fault::kPerTokenLocalCount) && scope != AuxScope::kGlobalBatch) mult /= double(in.mesh.tp) * in.mesh.cp;
+  return mult;
+}
+
 double Convention::postReductionScale(const ScaleInputs& in) const {
   const MeshSizes& m = in.mesh;
   switch (preset->post_reduction) {
     case PostReduction::kGlobalTokens:
-      // Megatron finalize_model_grads (per-token mode): every gradient / the global loss-token count.
+      // Megatron finalize_model_grads (per-token mode): every gradient / the global loss-token count;
+      // verl #6609: with no token count returned the division is skipped.
+      if (has(Fault::kPerTokenMissingCount)) return 1.0;
       return 1.0 / in.global_valid_tokens;
     case PostReduction::kAutomodelPipeline:
       // Automodel scale_grads_and_clip_grad_norm under PP: / (num_label_tokens / |dp_cp|).

@@ -15,9 +15,11 @@ namespace moe {
 struct ScaleInputs {
   MeshSizes mesh;
   int micro_batch_size = 1;
-  double microbatch_valid_tokens = 0;  // loss tokens of this (replica, microbatch), all CP shards
-  double group_aux_tokens = 0;         // aux tokens of the aux group being injected
+  double microbatch_valid_tokens = 0;  // loss tokens of this (replica, microbatch), all its shards
+  double group_aux_tokens = 0;         // aux tokens of the aux group being injected (all its shards)
+  double local_aux_tokens = 0;         // this rank's share of them (its CP/SP shard)
   double global_valid_tokens = 0;      // loss tokens of the whole global batch
+  bool exclude_padding = true;         // a padding mask is passed (the token counts are of valid tokens)
 };
 
 struct Convention {
@@ -34,6 +36,8 @@ struct Convention {
   double auxBackwardScale(const ScaleInputs& in) const;
   // Multiplier of alpha * (this rank's partial aux loss of `scope`) before it is injected or added.
   double auxValueMultiplier(const ScaleInputs& in, AuxScope scope) const;
+  // The same for beta * (this rank's partial z-loss of `scope`).
+  double zLossMultiplier(const ScaleInputs& in, AuxScope scope) const;
   // Factor applied to every gradient after the DP reduction (PP post-hoc scaling, per-token division).
   double postReductionScale(const ScaleInputs& in) const;
 };

@@ -201,8 +201,10 @@ MeshRunResult DistributedBackend::run(const MeshRequest& request) {
   return runOnThisRank(session_, request, index);
 }
 
-int serveMeshRuns(DistributedSession& session, const Scenario& scenario) {
+int serveMeshRuns(DistributedSession& session, const Scenario& input) {
   const int rank = session.rank();
+  // Rank 0's checks run the resolved scenario (runChecks); so do its mesh runs here.
+  const Scenario scenario = resolveScenario(input);
   std::optional<ProblemData> data;
   for (int index = 0;; ++index) {
     const std::string waiting_for = index == 0 ? "waiting for rank 0's first mesh run"

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/torch.h>
 
@@ -36,15 +37,17 @@ struct DistributedSession::Impl {
   SessionOptions options;
   MeshLayout layout;
   const std::string prefix = "moe-lbcheck";
-  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::Store> store;
+  int store_port = 0;  // the TCPStore's port (heartbeat connection)
   std::unique_ptr<C10dCommunicator> comm;
   std::unique_ptr<Communicator> mesh_comm;  // when the backend brings its own
   std::unique_ptr<ControlChannel> channel;
   bool serves_store = false;
 
   std::string storeWhere() const {
+    if (!env.file_store.empty()) return "the FileStore " + env.file_store + " of the moe-lbcheck launcher";
     return fmt::format("the TCPStore at {}:{} ({})", env.master_addr, env.master_port,
-                       env.launcher_hosts_store ? "served by the moe-lbcheck launcher" : "served by rank 0");
+                       env.launcher_hosts_store ? "served by the launcher" : "served by rank 0");
   }
 };
 
@@ -63,30 +66,43 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   // backend does the same). OMP_NUM_THREADS, when set (torchrun sets 1), decides instead.
   if (std::getenv("OMP_NUM_THREADS") == nullptr) at::set_num_threads(1);
 
-  trace(rank, "session: connecting to the TCPStore");
-  // --- the TCPStore: rank 0 serves it unless the launcher already does.
-  im.serves_store = rank == 0 && !env.launcher_hosts_store;
+  trace(rank, "session: connecting to the store");
   c10d::TCPStoreOptions store_options;
-  store_options.port = static_cast<std::uint16_t>(env.master_port);
-  store_options.isServer = im.serves_store;
-  store_options.waitWorkers = false;
-  store_options.timeout = timeout;
-  try {
-    im.store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store_options);
-  } catch (const std::exception& e) {
-    std::string what = withoutBacktrace(e.what());
-    while (!what.empty() && what.back() == '.') what.pop_back();
-    if (im.serves_store) {
-      const bool in_use = what.find("in use") != std::string::npos || what.find("errno: 98") != std::string::npos;
-      throw UsageError(fmt::format(
-          "MASTER_PORT={} cannot be used: rank 0 could not serve the rendezvous TCPStore on port {}{}: {}. "
-          "Choose a free MASTER_PORT (or let `moe-lbcheck run --backend {} --nproc N` pick one)",
-          env.master_port, env.master_port, in_use ? " (the port is already in use)" : "", what, backend));
+  if (!env.file_store.empty()) {
+    // The local launcher's FileStore (-1 workers: the launcher removes its directory).
+    try {
+      im.store = c10::make_intrusive<c10d::FileStore>(env.file_store, -1);
+      im.store->setTimeout(timeout);
+    } catch (const std::exception& e) {
+      throw RuntimeFailure(backend, rank, "opening " + im.storeWhere(), withoutBacktrace(e.what()));
     }
-    throw RuntimeFailure(backend, rank, fmt::format("connecting to the TCPStore at {}:{}", env.master_addr, env.master_port),
-                         what + fmt::format(" (is rank 0 running, and are MASTER_ADDR and MASTER_PORT right? "
-                                            "timeout {:.3g} s)",
-                                            timeout.count() / 1000.0));
+  } else {
+    // --- the TCPStore: rank 0 serves it unless the launcher already does.
+    im.serves_store = rank == 0 && !env.launcher_hosts_store;
+    store_options.port = static_cast<std::uint16_t>(env.master_port);
+    store_options.isServer = im.serves_store;
+    store_options.waitWorkers = false;
+    store_options.timeout = timeout;
+    try {
+      auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store_options);
+      im.store_port = tcp->getPort();
+      im.store = tcp;
+    } catch (const std::exception& e) {
+      std::string what = withoutBacktrace(e.what());
+      while (!what.empty() && what.back() == '.') what.pop_back();
+      if (im.serves_store) {
+        const bool in_use = what.find("in use") != std::string::npos || what.find("errno: 98") != std::string::npos;
+        throw UsageError(fmt::format(
+            "MASTER_PORT={} cannot be used: rank 0 could not serve the rendezvous TCPStore on port {}{}: {}. "
+            "Choose a free MASTER_PORT (or let `moe-lbcheck run --backend {} --nproc N` start the ranks)",
+            env.master_port, env.master_port, in_use ? " (the port is already in use)" : "", what, backend));
+      }
+      throw RuntimeFailure(backend, rank,
+                           fmt::format("connecting to the TCPStore at {}:{}", env.master_addr, env.master_port),
+                           what + fmt::format(" (is rank 0 running, and are MASTER_ADDR and MASTER_PORT right? "
+                                              "timeout {:.3g} s)",
+                                              timeout.count() / 1000.0));
+    }
   }
 
   trace(rank, "session: store connected");
@@ -126,10 +142,14 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   c10::intrusive_ptr<c10d::Store> heartbeat_store;
   if (rank == 0) {
     try {
-      c10d::TCPStoreOptions o = store_options;
-      o.isServer = false;
-      o.port = im.store->getPort();
-      heartbeat_store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+      if (!env.file_store.empty()) {
+        heartbeat_store = c10::make_intrusive<c10d::FileStore>(env.file_store, -1);
+      } else {
+        c10d::TCPStoreOptions o = store_options;
+        o.isServer = false;
+        o.port = static_cast<std::uint16_t>(im.store_port);
+        heartbeat_store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+      }
     } catch (const std::exception& e) {
       throw RuntimeFailure(backend, rank, "connecting the heartbeat to the TCPStore", withoutBacktrace(e.what()));
     }
@@ -150,8 +170,8 @@ DistributedSession::DistributedSession(const RankEnvironment& env, const Scenari
   if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname != nullptr && *ifname != '\0') {
     std::string first(ifname);
     comm_options.interface = first.substr(0, first.find(','));
-  } else if (isLoopback(env.master_addr)) {
-    comm_options.hostname = "127.0.0.1";
+  } else if (!env.file_store.empty() || isLoopback(env.master_addr)) {
+    comm_options.hostname = "127.0.0.1";  // a local launch: Gloo's pairs listen on loopback only
   }
   im.comm = std::make_unique<C10dCommunicator>(im.store, rank, im.layout, comm_options);
   if (options.mesh_communicator)

@@ -1,6 +1,7 @@
 #include "sim/launcher.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -20,7 +22,6 @@
 #include <vector>
 
 #include <fmt/format.h>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "common/errors.hpp"
 #include "sim/c10d_communicator.hpp"
@@ -78,23 +79,31 @@ void readRankAndWorld(RankEnvironment& env, const char* rank_var, const char* wo
 volatile sig_atomic_t g_stop_signal = 0;
 extern "C" void onStopSignal(int sig) { g_stop_signal = sig; }
 
-std::vector<std::string> ownCommandLine() {
-  std::ifstream in("/proc/self/cmdline", std::ios::binary);
-  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::string> args;
-  std::string cur;
-  for (char c : all) {
-    if (c == '\0') {
-      args.push_back(cur);
-      cur.clear();
-    } else {
-      cur += c;
-    }
+// A directory only this user can enter (mkdtemp, 0700), removed with its contents at destruction.
+class PrivateDirectory {
+ public:
+  explicit PrivateDirectory(const std::string& backend) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp != nullptr && *tmp ? tmp : "/tmp") + "/moe-lbcheck-store-XXXXXX";
+    std::vector<char> buf(pattern.begin(), pattern.end());
+    buf.push_back('\0');
+    if (::mkdtemp(buf.data()) == nullptr)
+      throw RuntimeFailure(backend, -1, "launcher: creating the private store directory " + pattern,
+                           std::strerror(errno));
+    path_ = buf.data();
+    ::chmod(path_.c_str(), 0700);
   }
-  if (!cur.empty()) args.push_back(cur);
-  if (args.empty()) throw RuntimeFailure("cannot read this process's command line from /proc/self/cmdline");
-  return args;
-}
+  ~PrivateDirectory() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  PrivateDirectory(const PrivateDirectory&) = delete;
+  PrivateDirectory& operator=(const PrivateDirectory&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
 
 struct Child {
   pid_t pid = -1;
@@ -132,9 +141,7 @@ std::chrono::milliseconds killGrace(std::chrono::milliseconds timeout) {
 std::optional<RankEnvironment> detectRankEnvironment(int nproc_flag) {
   RankEnvironment env;
   if (getEnv("RANK") || getEnv("WORLD_SIZE")) {
-    env.source = getEnv("MOE_LBCHECK_LAUNCHED") == std::optional<std::string>("1")
-                     ? "the moe-lbcheck launcher (RANK/WORLD_SIZE)"
-                     : "torchrun (RANK/WORLD_SIZE)";
+    env.source = "torchrun (RANK/WORLD_SIZE)";
     readRankAndWorld(env, "RANK", "WORLD_SIZE", "LOCAL_RANK");
   } else if (nproc_flag > 0) {
     return std::nullopt;
@@ -164,7 +171,9 @@ std::optional<RankEnvironment> detectRankEnvironment(int nproc_flag) {
         "(a free TCP port on MASTER_ADDR={}) for the rendezvous; export it (torchrun sets it)",
         env.source, env.rank, env.world_size, env.master_addr));
   env.master_port = parseInt("MASTER_PORT", *port, 1, 65535, "a TCP port in 1..65535");
-  env.launcher_hosts_store = getEnv("MOE_LBCHECK_LAUNCHER_STORE") == std::optional<std::string>("1");
+  // torchrun's agent serves the store itself with its static rendezvous (the default) and tells its
+  // workers so by TORCHELASTIC_USE_AGENT_STORE=True: rank 0 then connects as a client.
+  env.launcher_hosts_store = getEnv("TORCHELASTIC_USE_AGENT_STORE") == std::optional<std::string>("True");
   return env;
 }
 
@@ -180,7 +189,8 @@ void checkRankEnvironment(const RankEnvironment& env, const Scenario& scenario, 
                                  env.world_variable, env.world_size, env.source));
 }
 
-int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& backend) {
+int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& backend,
+                     const std::function<int(const RankEnvironment&)>& run_rank) {
   const int world = meshWorld(scenario);
   if (nproc != world)
     throw UsageError(fmt::format("--nproc {} does not match the mesh: {} needs {} ranks (use --nproc {} "
@@ -190,62 +200,11 @@ int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& bac
     throw UsageError("backend '" + backend + "' needs c10d Gloo, which this build does not have; use --backend emulated");
   const std::chrono::milliseconds timeout = distributedTimeout();
   const std::chrono::milliseconds grace = killGrace(timeout);
-  const std::vector<std::string> args = ownCommandLine();
 
-  // The rendezvous store lives here, on a port the kernel picks: no race for a "free" port.
-  c10::intrusive_ptr<c10d::TCPStore> store;
-  try {
-    c10d::TCPStoreOptions o;
-    o.port = 0;
-    o.isServer = true;
-    o.waitWorkers = false;
-    o.timeout = timeout;
-    store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
-  } catch (const std::exception& e) {
-    throw RuntimeFailure(backend, -1, "launcher: starting the TCPStore on 127.0.0.1", withoutBacktrace(e.what()));
-  }
-  const int port = store->getPort();
-
-  // Everything the children need is prepared before fork: after fork only async-signal-safe calls.
-  static const char* const kReplaced[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                          "MASTER_ADDR", "MASTER_PORT", "MOE_LBCHECK_LAUNCHER_STORE",
-                                          "MOE_LBCHECK_LAUNCHED"};
-  std::vector<std::string> base_env;
-  for (char** e = environ; *e != nullptr; ++e) {
-    const std::string entry(*e);
-    const std::string name = entry.substr(0, entry.find('='));
-    bool replaced = false;
-    for (const char* r : kReplaced) replaced = replaced || name == r;
-    if (!replaced) base_env.push_back(entry);
-  }
-  std::vector<std::vector<std::string>> child_env(nproc, base_env);
-  for (int r = 0; r < nproc; ++r) {
-    auto& e = child_env[r];
-    e.push_back(fmt::format("RANK={}", r));
-    e.push_back(fmt::format("WORLD_SIZE={}", nproc));
-    e.push_back(fmt::format("LOCAL_RANK={}", r));
-    e.push_back(fmt::format("LOCAL_WORLD_SIZE={}", nproc));
-    e.push_back("MASTER_ADDR=127.0.0.1");
-    e.push_back(fmt::format("MASTER_PORT={}", port));
-    e.push_back("MOE_LBCHECK_LAUNCHER_STORE=1");
-    e.push_back("MOE_LBCHECK_LAUNCHED=1");
-    // c10d logs its retries as glog warnings; the ranks' own messages say what failed.
-    if (std::getenv("GLOG_minloglevel") == nullptr) e.push_back("GLOG_minloglevel=2");
-  }
-  auto pointers = [](std::vector<std::string>& v) {
-    std::vector<char*> p;
-    for (auto& s : v) p.push_back(s.data());
-    p.push_back(nullptr);
-    return p;
-  };
-  std::vector<std::string> argv_storage = args;
-  std::vector<char*> argv = pointers(argv_storage);
-  std::vector<std::vector<char*>> envp;
-  for (auto& e : child_env) envp.push_back(pointers(e));
-  struct rlimit lim {};
-  int max_fd = 1024;
-  if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY)
-    max_fd = static_cast<int>(std::min<rlim_t>(lim.rlim_cur, 65536));
+  // The rendezvous store is a c10d FileStore in a private (0700) directory: nothing listens on a
+  // network interface, and no store thread exists in this process when it forks.
+  const PrivateDirectory store_dir(backend);
+  const std::string store_path = store_dir.path() + "/store";
 
   struct sigaction action {}, old_int {}, old_term {}, old_hup {};
   action.sa_handler = onStopSignal;
@@ -269,16 +228,34 @@ int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& bac
   std::vector<Child> children(nproc);
   pid_t pgid = 0;
   for (int r = 0; r < nproc; ++r) {
+    // The ranks are forked, not exec'd: LibTorch, OpenBLAS and the parsed scenario are already here
+    // (this process is single-threaded: OpenBLAS's own workers are re-created by its atfork handler).
     const pid_t pid = fork();
     if (pid == 0) {
       setpgid(0, pgid);  // the first child leads a new group, the others join it
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != launcher_pid) _exit(127);  // the launcher died before prctl took effect
-      for (int fd = 3; fd < max_fd; ++fd) close(fd);
-      execve("/proc/self/exe", argv.data(), envp[r].data());
-      static const char msg[] = "moe-lbcheck: launcher: cannot exec /proc/self/exe\n";
-      (void)!write(2, msg, sizeof msg - 1);
-      _exit(127);
+      for (int sig : {SIGINT, SIGTERM, SIGHUP}) signal(sig, SIG_DFL);
+      RankEnvironment env;
+      env.rank = r;
+      env.world_size = nproc;
+      env.local_rank = r;
+      env.master_addr = "127.0.0.1";
+      env.source = "the moe-lbcheck launcher";
+      env.file_store = store_path;
+      int code = static_cast<int>(ExitCode::kRuntimeFailure);
+      try {
+        code = run_rank(env);
+      } catch (const Error& e) {
+        std::cerr << "moe-lbcheck: error: " << e.what() << "\n";
+        code = static_cast<int>(e.code());
+      } catch (const std::exception& e) {
+        std::cerr << "moe-lbcheck: error: " << backend << " rank " << r << ": " << withoutBacktrace(e.what()) << "\n";
+      }
+      std::cout.flush();
+      std::cerr.flush();
+      std::fflush(nullptr);
+      _exit(code);  // no destructor of the launcher's state may run in a rank
     }
     if (pid < 0) {
       const int err = errno;
@@ -337,7 +314,6 @@ int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& bac
   }
   kill(-pgid, SIGKILL);  // nothing may outlive the launcher (ESRCH when the group is empty)
   restoreSignals();
-  store.reset();
 
   // Exit code: rank 0's when every rank exited normally with 0 or rank 0's code.
   const Child& r0 = children[0];
@@ -351,9 +327,25 @@ int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& bac
 
   std::string summary;
   if (interrupted) {
-    summary = fmt::format("interrupted by signal {} ({}); every rank was stopped", static_cast<int>(g_stop_signal),
-                          strsignal(g_stop_signal));
-  } else if (first_failure >= 0) {
+    const int sig = g_stop_signal;
+    std::cerr << fmt::format("moe-lbcheck: {} launcher: interrupted by signal {} ({}); every rank was stopped, "
+                             "nothing was written\n",
+                             backend, sig, strsignal(sig));
+    return 128 + sig;  // as shells report a process ended by the signal
+  }
+  // The cause: a rank that failed on its own terms (not the exit code 3 with which a rank reports
+  // another rank's failure) comes before any rank reporting the consequence, whatever the order in which
+  // the launcher reaped them: ranks that exit within one poll interval are seen in pid order.
+  for (int r = 0; r < nproc; ++r) {
+    const Child& c = children[r];
+    const bool consequence = WIFEXITED(c.status) && WEXITSTATUS(c.status) == static_cast<int>(ExitCode::kRuntimeFailure);
+    if (!failedExit(c) || c.killed_by_launcher || consequence) continue;
+    const Child* best = first_failure >= 0 ? &children[first_failure] : nullptr;
+    const bool best_is_consequence = best && WIFEXITED(best->status) &&
+                                     WEXITSTATUS(best->status) == static_cast<int>(ExitCode::kRuntimeFailure);
+    if (!best || best_is_consequence || best->killed_by_launcher || c.ended_s < best->ended_s) first_failure = r;
+  }
+  if (first_failure >= 0) {
     summary = fmt::format("rank {} failed first ({} after {:.1f} s)", first_failure,
                           describe(children[first_failure]), children[first_failure].ended_s);
   } else {

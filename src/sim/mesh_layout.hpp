@@ -58,6 +58,11 @@ struct MeshLayout : MeshConfig {
   }
   // The pipeline stage that owns a layer.
   int stageOfLayer(int layer) const { return (layer / layersPerChunk()) % pp; }
+  // A rank's index in its EP group: EP is carved out of the tp*cp*dp block (Megatron's expert grid,
+  // torchtitan, NeMo Automodel) or out of dp alone (DeepSpeed), the EP index varying fastest.
+  int expertRank(const RankCoords& c, bool carved_from_dp) const {
+    return (carved_from_dp ? c.dp : c.tp + tp * (c.cp + cp * c.dp)) % ep;
+  }
 
   // Ranks of the group of `kind` that `rank` belongs to, in group-rank order (rank order).
   std::vector<int> groupMembers(CommGroup kind, int rank) const;

@@ -32,9 +32,18 @@ struct TokenShard {
   int64_t tokens = 0;
 };
 
+// The positions of one sequence a rank routes: its CP positions, and with TP-sharded router tokens
+// (Megatron's sequence parallelism, torchtitan's EP placement) its tp-th contiguous slice of them.
+std::vector<int> routedPositions(const MeshInputs& in, const RankCoords& me) {
+  std::vector<int> positions = in.layout.cpPositions(me.cp);
+  if (!routerTokensShardedOverTp(in.scenario)) return positions;
+  const std::size_t per_rank = positions.size() / in.layout.tp;
+  return std::vector<int>(positions.begin() + me.tp * per_rank, positions.begin() + (me.tp + 1) * per_rank);
+}
+
 TokenShard makeShard(const MeshInputs& in, const RankCoords& me, int microbatch) {
   const MeshLayout& L = in.layout;
-  const std::vector<int> positions = L.cpPositions(me.cp);
+  const std::vector<int> positions = routedPositions(in, me);
   const int first = L.firstSequence(me.dp, microbatch);
   std::vector<int64_t> index, sequence;
   for (int b = 0; b < L.microBatchSize(); ++b)
@@ -62,14 +71,16 @@ struct TokenTotals {
   double global_valid = 0, global_aux = 0;
 };
 
-TokenTotals countTokens(const std::vector<TokenShard>& shards, Communicator& comm) {
+// `shard_group`: the ranks that hold different tokens of one (replica, microbatch): CP, and TP when
+// the router tokens are TP-sharded.
+TokenTotals countTokens(const std::vector<TokenShard>& shards, Communicator& comm, CommGroup shard_group) {
   const int M = static_cast<int>(shards.size());
   at::Tensor local = torch::zeros({M, 2}, at::kDouble);
   for (int m = 0; m < M; ++m) {
     local[m][0] = shards[m].valid.sum().item<double>();
     local[m][1] = static_cast<double>(shards[m].aux_rows.numel());
   }
-  comm.allReduceSum(local, CommGroup::kContext);
+  comm.allReduceSum(local, shard_group);
   at::Tensor replica = local.sum(0);
   comm.allReduceSum(replica, CommGroup::kDataParallel);
   TokenTotals t;
@@ -109,6 +120,36 @@ struct SummingAllReduce : public torch::autograd::Function<SummingAllReduce> {
   }
 };
 
+// Megatron's copy_to_tensor_model_parallel_region: identity forward, all-reduce over TP backward (the
+// entry of a TP-split computation fed replicated inputs).
+struct CopyToTensorParallel : public torch::autograd::Function<CopyToTensorParallel> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor input, int64_t comm_ptr) {
+    ctx->saved_data["comm"] = comm_ptr;
+    return input.view_as(input);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    at::Tensor g = grads[0].contiguous().clone();
+    comm->allReduceSum(g, CommGroup::kTensor);
+    return {g, at::Tensor()};
+  }
+};
+
+// Megatron's reduce_from_tensor_model_parallel_region: all-reduce over TP forward, identity backward
+// (the exit of a TP-split computation whose output is replicated).
+struct ReduceFromTensorParallel : public torch::autograd::Function<ReduceFromTensorParallel> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, at::Tensor input, int64_t comm_ptr) {
+    at::Tensor out = input.detach().contiguous().clone();
+    reinterpret_cast<Communicator*>(comm_ptr)->allReduceSum(out, CommGroup::kTensor);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], at::Tensor()};
+  }
+};
+
 // The aux statistics of one aux group as a rank holds them: routed counts per expert and the token
 // count, already reduced over the group's ranks, the group they were reduced over, and a multiplier
 // that a fault's definition of the group puts on the partial loss.
@@ -121,7 +162,13 @@ struct GroupStatistics {
 class RankProgram {
  public:
   RankProgram(const MeshInputs& in, Communicator& comm)
-      : in_(in), comm_(comm), me_(in.layout.coordsOf(comm.rank())), dtype_(in.x.scalar_type()) {}
+      : in_(in),
+        comm_(comm),
+        me_(in.layout.coordsOf(comm.rank())),
+        dtype_(in.x.scalar_type()),
+        tokens_over_tp_(routerTokensShardedOverTp(in.scenario)),
+        experts_over_tp_(in.layout.tp > 1 && !tokens_over_tp_ &&
+                         in.convention.preset->router_tokens == RouterTokensOverTp::kShardedWithEp) {}
 
   RankState run();
 
@@ -161,6 +208,13 @@ class RankProgram {
     return SummingAllReduce::apply(t, reinterpret_cast<int64_t>(&comm_), static_cast<int64_t>(group));
   }
   void countGlobalRouting();
+  // The group the aux statistics of one aux group are all-reduced over: the ranks holding its tokens.
+  CommGroup statisticsGroup(bool global) const;
+  // The experts' contribution h + sum_s g_s Expert(h), split over TP where the preset splits it.
+  at::Tensor expertsForward(int layer, const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
+                            bool gates_summed_over_tp);
+  // Which experts this rank's EP group rank holds (for faults that act on the local slots).
+  at::Tensor localExpertMask(const at::Tensor& topk) const;
   void recordRouterInput(int layer, int microbatch, const at::Tensor& h, const TokenShard& shard,
                          const at::Tensor& topk);
 
@@ -168,6 +222,12 @@ class RankProgram {
   Communicator& comm_;
   RankCoords me_;
   at::ScalarType dtype_;
+  // Each TP rank routes its own tokens (the aux statistics and the router gradient are then reduced
+  // over TP); else every TP rank routes the same ones.
+  bool tokens_over_tp_;
+  // torchtitan without EP: the experts are split over TP along the FFN dimension, so each TP rank's
+  // main-loss gradient at the gates is a share of the whole (summed over TP by the copy region).
+  bool experts_over_tp_;
   TokenTotals totals_;
   std::vector<TokenShard> shards_;  // per microbatch
   std::map<int, at::Tensor> router_weight_;  // owned layers -> leaf with grad
@@ -193,8 +253,42 @@ ScaleInputs RankProgram::scaleInputs(int microbatch) const {
   s.micro_batch_size = in_.layout.microBatchSize();
   s.microbatch_valid_tokens = totals_.microbatch_valid[microbatch];
   s.group_aux_tokens = totals_.microbatch_aux[microbatch];
+  s.local_aux_tokens = static_cast<double>(shards_[microbatch].aux_rows.numel());
   s.global_valid_tokens = totals_.global_valid;
+  s.exclude_padding = in_.scenario.aux.exclude_padding;
   return s;
+}
+
+CommGroup RankProgram::statisticsGroup(bool global) const {
+  // The correct group is the token-sharding group (counts all-reduced over exactly the ranks that
+  // hold the group's tokens); torchtitan's _reduce_token_partials variant adds TP without EP.
+  const bool over_tp = tokens_over_tp_ || in_.convention.has(Fault::kTpReduceWithoutEp);
+  if (global) return over_tp ? CommGroup::kTensorDataContext : CommGroup::kDataContext;
+  return over_tp ? CommGroup::kTensorContext : CommGroup::kContext;
+}
+
+at::Tensor RankProgram::localExpertMask(const at::Tensor& topk) const {
+  const MeshLayout& L = in_.layout;
+  const int E = in_.scenario.model.experts;
+  const int ep_rank = L.expertRank(me_, in_.convention.preset->expert_parallel == ExpertParallelCarve::kData);
+  const int per_rank = E / L.ep;
+  return (topk >= ep_rank * per_rank) & (topk < (ep_rank + 1) * per_rank);
+}
+
+at::Tensor RankProgram::expertsForward(int layer, const at::Tensor& h, const at::Tensor& topk, const at::Tensor& gates,
+                                       bool gates_summed_over_tp) {
+  const LayerWeights& shared = in_.layers[layer];
+  if (!experts_over_tp_) return applyExperts(h, topk, gates, shared);
+  // Expert FFN columns [t F/tp, (t+1) F/tp) on TP rank t: the inputs enter through the copy region
+  // (their gradients summed over TP), the partial outputs leave through the reduce region.
+  const int64_t F = shared.expert_in.size(2), width = F / in_.layout.tp, first = me_.tp * width;
+  const LayerWeights shard{shared.router_weight, shared.expert_in.narrow(2, first, width),
+                           shared.expert_out.narrow(1, first, width)};
+  const int64_t comm = reinterpret_cast<int64_t>(&comm_);
+  const at::Tensor h_in = CopyToTensorParallel::apply(h, comm);
+  // torchtitan #4054: without the copy region on the gates their gradient keeps this rank's share.
+  const at::Tensor g_in = gates_summed_over_tp ? CopyToTensorParallel::apply(gates, comm) : gates;
+  return h + ReduceFromTensorParallel::apply(expertOutput(h_in, topk, g_in, shard), comm);
 }
 
 at::Tensor RankProgram::sequenceAuxLoss(const at::Tensor& probs, const at::Tensor& topk, const TokenShard& shard,
@@ -208,11 +302,14 @@ at::Tensor RankProgram::sequenceAuxLoss(const at::Tensor& probs, const at::Tenso
   const at::Tensor seq_tokens =
       torch::zeros({mbs}, at::kDouble).index_add_(0, seq, torch::ones({seq.numel()}, at::kDouble));
   at::Tensor stats = torch::cat({seq_counts.view({mbs, E}), seq_tokens.unsqueeze(1)}, 1).contiguous();
-  comm_.allReduceSum(stats, CommGroup::kContext);
+  comm_.allReduceSum(stats, statisticsGroup(false));
   // P-hat per sequence: sum of this rank's probabilities of that sequence's tokens.
   const at::Tensor p_sum = torch::zeros({mbs, E}, probs.options()).index_add(0, seq, probs);
   const at::Tensor counts = stats.narrow(1, 0, E).to(dtype_);
-  const at::Tensor tokens = stats.select(1, E).to(dtype_);
+  at::Tensor tokens = stats.select(1, E).to(dtype_);
+  // _apply_seq_aux_loss with a padding mask: every sequence's T is the micro-batch's mean valid length
+  // sum(counts) / (k B), so each sequence's term is weighted by (T_b / T_mean)^2.
+  if (in_.convention.has(Fault::kSeqAuxMeanValidLength)) tokens = torch::full_like(tokens, 1.0) * (tokens.sum() / mbs);
   const at::Tensor present = tokens > 0;
   // DeepSeek-V3 eqs 17-20 per sequence: E/(k T_b^2) sum_e c_be Phat_be; the mean over the
   // micro-batch's sequences (divided by its size B).
@@ -228,7 +325,7 @@ GroupStatistics RankProgram::microbatchStatistics(const at::Tensor& topk, int64_
   g.stats = torch::zeros({E + 1}, at::kDouble);
   g.stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
   g.stats[E] = static_cast<double>(rows);
-  g.group = CommGroup::kContext;
+  g.group = statisticsGroup(false);
   comm_.allReduceSum(g.stats, g.group);
   return g;
 }
@@ -236,7 +333,7 @@ GroupStatistics RankProgram::microbatchStatistics(const at::Tensor& topk, int64_
 GroupStatistics RankProgram::globalStatistics(const at::Tensor& topk, int64_t rows, int layer) {
   const int E = in_.scenario.model.experts;
   GroupStatistics g;
-  g.group = CommGroup::kDataContext;
+  g.group = statisticsGroup(true);
   const bool per_microbatch = in_.convention.has(Fault::kBatchWiseCountsPerMicrobatch);
   const bool running = in_.convention.has(Fault::kStaleTokenDenominator);
   if (!per_microbatch && !running) {
@@ -247,7 +344,7 @@ GroupStatistics RankProgram::globalStatistics(const at::Tensor& topk, int64_t ro
   g.stats = torch::zeros({E + 1}, at::kDouble);
   g.stats.narrow(0, 0, E).copy_(torch::bincount(topk.reshape(-1), {}, E).to(at::kDouble));
   g.stats[E] = static_cast<double>(rows);
-  comm_.allReduceSum(g.stats, CommGroup::kDataContext);
+  comm_.allReduceSum(g.stats, g.group);
   // Both faults average microbatch losses: the objective changes with M.
   g.multiplier = 1.0 / in_.layout.microbatches;
   if (running) {
@@ -289,10 +386,17 @@ at::Tensor RankProgram::zLoss(const Routing& r, const TokenShard& shard, int mic
   const at::Tensor sum_sq = (lse * lse).sum();
   if (in_.scenario.aux.z_loss_scope == ZLossScope::kGlobalBatch) {
     if (!(totals_.global_aux > 0)) return torch::zeros({}, r.logits.options());
-    return in_.convention.auxValueMultiplier(scale, AuxScope::kGlobalBatch) * sum_sq / totals_.global_aux;
+    return in_.convention.zLossMultiplier(scale, AuxScope::kGlobalBatch) * sum_sq / totals_.global_aux;
+  }
+  if (in_.convention.has(Fault::kZlossLocalShardMean)) {
+    // TopKRouter.apply_z_loss: (beta / |tp_cp|) x the mean over the rank's own valid tokens, summed over
+    // the tp_cp ranks: a mean of shard means.
+    const double local = scale.local_aux_tokens, group = double(in_.layout.tp) * in_.layout.cp;
+    if (!(local > 0)) return torch::zeros({}, r.logits.options());
+    return in_.convention.zLossMultiplier(scale, AuxScope::kMicroBatch) * sum_sq / (local * group);
   }
   if (!(totals_.microbatch_aux[microbatch] > 0)) return torch::zeros({}, r.logits.options());
-  return in_.convention.auxValueMultiplier(scale, AuxScope::kMicroBatch) * sum_sq / totals_.microbatch_aux[microbatch];
+  return in_.convention.zLossMultiplier(scale, AuxScope::kMicroBatch) * sum_sq / totals_.microbatch_aux[microbatch];
 }
 
 at::Tensor RankProgram::auxAndZLoss(const Routing& r, const TokenShard& shard, int microbatch, int layer) {
@@ -330,11 +434,9 @@ void RankProgram::recordRouterInput(int layer, int microbatch, const at::Tensor&
 
 at::Tensor RankProgram::layerForward(int layer, const at::Tensor& h, const TokenShard& shard, int microbatch) {
   const Scenario& sc = in_.scenario;
-  const LayerWeights& shared = in_.layers[layer];
-  LayerWeights w{router_weight_.at(layer), shared.expert_in, shared.expert_out};
   // A capture's protocol: the router's own input detached, the experts' input not.
   const at::Tensor router_input = in_.knobs.detach_router_inputs ? h.detach() : h;
-  Routing r = routeTokens(router_input, w.router_weight, sc.model);
+  Routing r = routeTokens(router_input, router_weight_.at(layer), sc.model);
   if (in_.record_router_inputs) recordRouterInput(layer, microbatch, h, shard, r.topk);
   at::Tensor gates = r.gates;
   if (in_.knobs.aux_coeff != 0.0 || in_.knobs.z_loss_coeff != 0.0) {
@@ -355,7 +457,10 @@ at::Tensor RankProgram::layerForward(int layer, const at::Tensor& h, const Token
       }
     }
   }
-  return applyExperts(h, r.topk, gates, w);
+  // HF #48205: under EP a rank's router-score gradient covers only its local experts' slots.
+  if (in_.convention.has(Fault::kEpRouterGradLocalSlots))
+    gates = torch::where(localExpertMask(r.topk), gates, gates.detach());
+  return expertsForward(layer, h, r.topk, gates, !in_.convention.has(Fault::kTpMainGradOneShare));
 }
 
 void RankProgram::forward(int microbatch, int v) {
@@ -441,18 +546,17 @@ void RankProgram::countGlobalRouting() {
         comm_.recv(h, prevRank(v), tag(m, chunkIndex(v), 2));
       }
       for (int l = first; l < first + L.layersPerChunk(); ++l) {
-        const LayerWeights& w = in_.layers[l];
-        const Routing r = routeTokens(h, w.router_weight, sc.model);
+        const Routing r = routeTokens(h, in_.layers[l].router_weight, sc.model);
         const at::Tensor& rows = shard.aux_rows;
         local[l].narrow(0, 0, E).add_(torch::bincount(r.topk.index_select(0, rows).reshape(-1), {}, E).to(at::kDouble));
         local[l][E] += static_cast<double>(rows.numel());
-        h = applyExperts(h, r.topk, r.gates, w);
+        h = expertsForward(l, h, r.topk, r.gates, true);  // the same arithmetic as the differentiated pass
       }
       if (!isLastChunk(v)) comm_.send(h, nextRank(v), tag(m, chunkIndex(v) + 1, 2));
     }
   }
   for (auto& [layer, stats] : local) {
-    comm_.allReduceSum(stats, CommGroup::kDataContext);
+    comm_.allReduceSum(stats, statisticsGroup(true));
     global_stats_[layer] = stats;
   }
 }
@@ -466,19 +570,24 @@ RankState RankProgram::run() {
   }
   // This rank's tokens of every microbatch, built once and used by every pass over them.
   for (int m = 0; m < L.microbatches; ++m) shards_.push_back(makeShard(in_, me_, m));
-  totals_ = countTokens(shards_, comm_);
+  totals_ = countTokens(shards_, comm_, tokens_over_tp_ ? CommGroup::kTensorContext : CommGroup::kContext);
   if (in_.scenario.aux.type == AuxScope::kGlobalBatch && in_.knobs.aux_coeff != 0.0) countGlobalRouting();
   for (const PipelineAction& a : pipelineSchedule(L.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {
     if (a.kind == PipelineAction::kForward) forward(a.microbatch, a.virtual_stage);
     else backward(a.microbatch, a.virtual_stage);
   }
-  // DDP/FSDP gradient reduction over dp x cp, then the convention's post-hoc scaling.
+  // The router gradient summed over TP exactly when each TP rank routed its own tokens (Megatron's
+  // sequence_parallel attribute, torchtitan's DTensor reduction), then the DDP/FSDP reduction over
+  // dp x cp, then the convention's post-hoc scaling.
+  const bool sum_over_tp = (tokens_over_tp_ && !in_.convention.has(Fault::kRouterGradNotSummedOverTp)) ||
+                           in_.convention.has(Fault::kRouterGradSummedOverTpReplicated);
   const ScaleInputs s = scaleInputs(0);
   RankState result;
   result.rank = comm_.rank();
   result.coords = me_;
   for (auto& [layer, w] : router_weight_) {
     at::Tensor g = w.grad().defined() ? w.grad().detach().clone() : torch::zeros_like(w);
+    if (sum_over_tp) comm_.allReduceSum(g, CommGroup::kTensor);
     if (in_.convention.gradReduction() == GradReduction::kMean) g.mul_(1.0 / (L.dp * L.cp));
     comm_.allReduceSum(g, CommGroup::kDataContext);
     g.mul_(in_.convention.postReductionScale(s));

@@ -231,13 +231,11 @@ TEST(ScenarioParse, EveryCatalogPresetAndFaultIsAccepted) {
     doc["framework"]["preset"] = preset.name;
     EXPECT_NO_THROW(parseScenarioText(doc.dump(), kFile)) << preset.name;
   }
-  // Each fault with the preset and scope of its selftest case, where it can act.
+  // Each fault in its shipped scenario (the selftest case, on a mesh where it can act).
   for (const auto& fault : faultCatalog()) {
-    Json doc = Json::parse(kMinimal);
-    doc["framework"]["preset"] = toString(fault.selftest.preset);
-    doc["aux"]["type"] = toString(fault.selftest.scope);
-    doc["faults"] = Json::array({fault.name});
-    EXPECT_EQ(parseScenarioText(doc.dump(), kFile).faults, std::vector<Fault>{fault.id}) << fault.name;
+    const Scenario sc = loadScenarioFile(sourcePath("scenarios/" + std::string(fault.name) + ".json"));
+    EXPECT_EQ(sc.faults, std::vector<Fault>{fault.id}) << fault.name;
+    EXPECT_EQ(sc.framework.preset, fault.selftest.preset) << fault.name;
   }
 }
 
@@ -407,15 +405,16 @@ const RejectCase kUnknownKeyCases[] = {
     {"aux", kMin, "/aux/alpha", "0.1", "/aux/alpha",
      "allowed keys in /aux: type, coeff, z_loss_coeff, z_loss_scope, exclude_padding, group_weighting"},
     {"mesh", kMin, "/mesh/world", "4", "/mesh/world",
-     "allowed keys in /mesh: dp, pp, cp, microbatches, schedule, virtual_stages, cp_layout"},
+     "allowed keys in /mesh: dp, pp, cp, tp, ep, sequence_parallel, microbatches, schedule, virtual_stages, "
+     "cp_layout"},
     {"framework", kMin, "/framework/name", R"("megatron")", "/framework/name",
-     "allowed keys in /framework: preset"},
+     "allowed keys in /framework: preset, open_bugs"},
     {"expect", kMin, "/expect/code", R"("AUX_GRAD_MISSING")", "/expect/code",
      "allowed keys in /expect: verdict, diagnosis, factor"},
     {"tolerance", kMin, "/tolerance/atol", "1e-9", "/tolerance/atol",
      "allowed keys in /tolerance: rtol"},
     {"escaped_pointer", kMin, "/model/a~0b~1c", "1", "/model/a~0b~1c", R"(unknown key "a~b/c")"},
-    {"in_design_example", kDesign, "/mesh/tp", "2", "/mesh/tp", R"(unknown key "tp")"},
+    {"in_design_example", kDesign, "/mesh/etp", "2", "/mesh/etp", R"(unknown key "etp")"},
 };
 INSTANTIATE_TEST_SUITE_P(ScenarioUnknownKeys, ScenarioRejectTest,
                          ::testing::ValuesIn(kUnknownKeyCases),
@@ -478,6 +477,29 @@ const RejectCase kRuleCases[] = {
      "/faults/2", R"(fault "count_padding" is listed twice (first at /faults/0))"},
     {"unknown_diagnosis", kMin, "/expect/diagnosis", R"("AUX_MISSING")", "/expect/diagnosis",
      R"(unknown diagnosis code "AUX_MISSING")"},
+    // TP, SP and EP as each framework allows them.
+    {"megatron_tp_without_sp", kMin, "/mesh", R"({"tp": 2, "sequence_parallel": false})", "/mesh/sequence_parallel",
+     "sequence_parallel false with tp (2) > 1 is refused"},
+    {"automodel_sp", "{\"schema_version\": 1, \"name\": \"a\", \"framework\": {\"preset\": \"nemo_automodel\"}}",
+     "/mesh", R"({"tp": 2, "sequence_parallel": true})", "/mesh/sequence_parallel",
+     "sequence_parallel true is refused by this framework (preset nemo_automodel"},
+    {"hf_tp", "{\"schema_version\": 1, \"name\": \"h\", \"framework\": {\"preset\": \"hf_trainer\"}}", "/mesh",
+     R"({"tp": 2})", "/mesh/tp", "tp (2) > 1 is not supported by this preset (preset hf_trainer"},
+    {"hf_ep", "{\"schema_version\": 1, \"name\": \"h\", \"framework\": {\"preset\": \"hf_trainer\"}}", "/mesh",
+     R"({"ep": 2, "dp": 2, "microbatches": 1})", "/mesh/ep", "ep (2) > 1 is not supported by this preset"},
+    {"ep_not_dividing_the_block", kMin, "/mesh", R"({"ep": 4, "dp": 2})", "/mesh/ep",
+     "ep (4) must divide tp*cp*dp (2): EP is carved out of the ranks that are already there"},
+    {"deepspeed_ep_inside_dp", "{\"schema_version\": 1, \"name\": \"d\", \"framework\": {\"preset\": \"deepspeed\"}}",
+     "/mesh", R"({"ep": 2, "tp": 2})", "/mesh/ep", "ep (2) must divide dp (1)"},
+    {"ep_not_dividing_experts", "{\"schema_version\": 1, \"name\": \"e\", \"model\": {\"experts\": 6}}", "/mesh",
+     R"({"ep": 4, "dp": 4})", "/mesh/ep", "ep (4) must divide experts (6)"},
+    {"sp_shard_of_seq_len", kMin, "/mesh", R"({"tp": 32})", "/data/seq_len",
+     "seq_len (16) must be divisible by cp*tp (1*32)"},
+    {"torchtitan_ffn_split", "{\"schema_version\": 1, \"name\": \"t\", \"framework\": {\"preset\": \"torchtitan\"}}",
+     "/mesh", R"({"tp": 32})", "/model/ffn", "ffn (16) must be divisible by tp (32)"},
+    {"tp_string", kMin, "/mesh/tp", R"("2")", "/mesh/tp", R"(expected an integer >= 1, got "2")"},
+    {"sp_string", kMin, "/mesh/sequence_parallel", R"("on")", "/mesh/sequence_parallel", "expected true or false"},
+    {"open_bugs_number", kMin, "/framework/open_bugs", "1", "/framework/open_bugs", "expected true or false, got 1"},
 };
 INSTANTIATE_TEST_SUITE_P(ScenarioRules, ScenarioRejectTest, ::testing::ValuesIn(kRuleCases),
                          [](const auto& info) { return std::string(info.param.label); });
@@ -678,9 +700,9 @@ TEST(ScenarioOutput, EchoHasEveryKeyInInputOrder) {
                                                            "z_loss_scope", "exclude_padding",
                                                            "group_weighting"}));
   EXPECT_EQ(keysOf(echo["mesh"]),
-            (std::vector<std::string>{"dp", "pp", "cp", "microbatches", "schedule", "virtual_stages",
-                                      "cp_layout"}));
-  EXPECT_EQ(keysOf(echo["framework"]), (std::vector<std::string>{"preset"}));
+            (std::vector<std::string>{"dp", "pp", "cp", "tp", "ep", "sequence_parallel", "microbatches", "schedule",
+                                      "virtual_stages", "cp_layout"}));
+  EXPECT_EQ(keysOf(echo["framework"]), (std::vector<std::string>{"preset", "open_bugs"}));
   EXPECT_EQ(keysOf(echo["expect"]), (std::vector<std::string>{"verdict", "diagnosis", "factor"}));
   EXPECT_EQ(keysOf(echo["tolerance"]), (std::vector<std::string>{"rtol"}));
   EXPECT_EQ(echo["mesh"]["schedule"], "1f1b");

@@ -338,12 +338,15 @@ TEST_P(CliScenario, ValidatesAndMeetsItsExpectation) {
   // The mesh of the report is the scenario's (defaults 1 for absent fields).
   const json mesh = scenario.value("mesh", json::object());
   const int dp = mesh.value("dp", 1), pp = mesh.value("pp", 1), cp = mesh.value("cp", 1);
+  const int tp = mesh.value("tp", 1), ep = mesh.value("ep", 1);
   const int microbatches = mesh.value("microbatches", 1);
   EXPECT_EQ(report["mesh"]["dp"], dp);
   EXPECT_EQ(report["mesh"]["pp"], pp);
   EXPECT_EQ(report["mesh"]["cp"], cp);
+  EXPECT_EQ(report["mesh"]["tp"], tp);
+  EXPECT_EQ(report["mesh"]["ep"], ep);
   EXPECT_EQ(report["mesh"]["microbatches"], microbatches);
-  EXPECT_EQ(report["mesh"]["world"], dp * pp * cp);
+  EXPECT_EQ(report["mesh"]["world"], tp * dp * pp * cp);  // EP is carved out of these ranks
   EXPECT_EQ(report["mesh"]["backend"], "emulated");
   // The resolved scenario is echoed with the same mesh.
   if (report["scenario"].contains("mesh")) {

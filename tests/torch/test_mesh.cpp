@@ -3,7 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <set>
 #include <thread>
+#include <tuple>
 
 #include "app/check_run.hpp"
 #include "app/selftest.hpp"
@@ -150,10 +153,13 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 // Every fault is flagged with its signature on a second mesh too (dp and M swapped: dp=5, M=3).
+// A case whose selftest mesh has one micro-batch keeps it: seq_aux_mean_valid_length needs two or more
+// sequences per micro-batch (with one, the mean valid length is the sequence's own).
 TEST(FaultsOnSecondMesh, EachFaultKeepsItsSignature) {
   for (SelftestCase c : selftestCases()) {
     for (Scenario* sc : {&c.buggy, &c.fixed}) {
-      if (sc->mesh.dp == 3) sc->mesh.dp = 5, sc->mesh.microbatches = 3;
+      const bool one_micro_batch = sc->mesh.microbatches == 1;
+      if (sc->mesh.dp == 3) sc->mesh.dp = 5, sc->mesh.microbatches = one_micro_batch ? 1 : 3;
       else sc->mesh.microbatches = 3;  // seq_aux_missing_mbs: dp=1, M=3 -> micro-batch size 5
       validateScenario(*sc);
     }
@@ -232,6 +238,155 @@ TEST(Precision, Float32MeshPassesWithItsDerivedTolerance) {
       EXPECT_EQ(c.rtol, 1e-4);
       EXPECT_GT(c.max_rel_err, 1e-12);  // float32 arithmetic really happened
     }
+}
+
+}  // namespace
+}  // namespace moe
+
+// ------------------------------------------------------------------------------------------------
+// TP / SP / EP: every preset passes on a covering array of the axes (every pair of axis values that
+// the preset allows appears in at least one layout), with uneven padding and z-loss.
+
+namespace moe {
+namespace {
+
+struct Axes {
+  int tp, sp, ep, dp, cp, microbatches, pp;  // sp: 0 = the preset's default, 1 = on, 2 = off
+  AuxScope scope;
+};
+
+Scenario gridScenario(Preset preset, const Axes& a) {
+  Scenario sc;
+  sc.name = "tp-grid";
+  sc.seed = 9;
+  sc.model.hidden = 12;
+  sc.model.experts = 8;
+  sc.model.top_k = 2;
+  sc.model.layers = 4;
+  sc.model.ffn = 8;
+  sc.data.batch = 12;
+  sc.data.seq_len = 8;
+  sc.data.valid_lengths = {8, 6, 8, 3, 8, 8, 5, 8, 7, 8, 2, 8};
+  sc.aux.coeff = 0.01;
+  sc.aux.z_loss_coeff = 0.001;
+  sc.aux.type = a.scope;
+  sc.framework.preset = preset;
+  sc.mesh.tp = a.tp;
+  sc.mesh.ep = a.ep;
+  sc.mesh.dp = a.dp;
+  sc.mesh.cp = a.cp;
+  sc.mesh.pp = a.pp;
+  sc.mesh.microbatches = a.microbatches;
+  if (a.sp == 1) sc.mesh.sequence_parallel = true;
+  if (a.sp == 2) sc.mesh.sequence_parallel = false;
+  return sc;
+}
+
+std::vector<int> values(const Axes& a) {
+  return {a.tp, a.sp, a.ep, a.dp, a.cp, a.microbatches, a.pp, static_cast<int>(a.scope)};
+}
+
+// A greedy pairwise covering array over the layouts the preset accepts: rows are added until every
+// pair of (axis, value) that occurs in some valid layout occurs in a chosen one.
+std::vector<Axes> coveringArray(Preset preset) {
+  std::vector<Axes> valid;
+  for (int tp : {1, 2, 4})
+    for (int sp : {0, 1, 2})
+      for (int ep : {1, 2, 4})
+        for (int dp : {1, 2})
+          for (int cp : {1, 2})
+            for (int m : {1, 2})
+              for (int pp : {1, 2})
+                for (AuxScope scope : {AuxScope::kMicroBatch, AuxScope::kGlobalBatch}) {
+                  const Axes a{tp, sp, ep, dp, cp, m, pp, scope};
+                  try {
+                    validateScenario(gridScenario(preset, a));
+                    valid.push_back(a);
+                  } catch (const InputError&) {
+                  }
+                }
+  using Pair = std::tuple<int, int, int, int>;  // (axis i, value, axis j, value)
+  auto pairsOf = [](const Axes& a) {
+    std::set<Pair> pairs;
+    const std::vector<int> v = values(a);
+    for (size_t i = 0; i < v.size(); ++i)
+      for (size_t j = i + 1; j < v.size(); ++j) pairs.insert({int(i), v[i], int(j), v[j]});
+    return pairs;
+  };
+  std::set<Pair> uncovered;
+  for (const Axes& a : valid)
+    for (const Pair& p : pairsOf(a)) uncovered.insert(p);
+  std::vector<Axes> rows;
+  while (!uncovered.empty()) {
+    size_t best = 0, best_gain = 0;
+    for (size_t i = 0; i < valid.size(); ++i) {
+      size_t gain = 0;
+      for (const Pair& p : pairsOf(valid[i])) gain += uncovered.count(p);
+      if (gain > best_gain) best_gain = gain, best = i;
+    }
+    for (const Pair& p : pairsOf(valid[best])) uncovered.erase(p);
+    rows.push_back(valid[best]);
+  }
+  return rows;
+}
+
+class TensorParallelGrid : public ::testing::TestWithParam<Preset> {};
+
+TEST_P(TensorParallelGrid, EveryPresetPassesOnACoveringArrayOfTpSpEpLayouts) {
+  const Preset preset = GetParam();
+  const std::vector<Axes> rows = coveringArray(preset);
+  if (preset == Preset::kHfTrainer) {
+    for (const Axes& a : rows) EXPECT_TRUE(a.tp == 1 && a.ep == 1) << "hf_trainer refuses tp > 1 and ep > 1";
+  } else {
+    bool tp_seen = false, ep_seen = false;
+    for (const Axes& a : rows) tp_seen |= a.tp == 4, ep_seen |= a.ep > 1;
+    EXPECT_TRUE(tp_seen && ep_seen) << "the array covers tp 4 and an ep > 1";
+  }
+  std::printf("[tp grid] %s: %zu layouts\n", toString(preset), rows.size());
+  for (const Axes& a : rows) {
+    const Scenario sc = gridScenario(preset, a);
+    const Report r = checksOf(sc);
+    for (const CheckResult& c : r.checks)
+      EXPECT_TRUE(c.ok || c.informational)
+          << toString(preset) << " " << toString(a.scope) << " tp=" << a.tp << " sp=" << a.sp << " ep=" << a.ep
+          << " dp=" << a.dp << " cp=" << a.cp << " M=" << a.microbatches << " pp=" << a.pp << ": " << c.name
+          << " scale " << c.scale << " cosine " << c.cosine << " " << toString(c.diagnosis.code) << " "
+          << c.diagnosis.factor;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, TensorParallelGrid, ::testing::ValuesIn(allPresets()),
+                         [](const auto& info) { return std::string(toString(info.param)); });
+
+// Sequence parallelism shards the sequence over TP: the same gradients as TP 1 (the objective does
+// not depend on how its tokens are placed), for the global and sequence objectives.
+TEST(TensorParallel, ShardedTokensGiveTheSingleDeviceGradient) {
+  for (AuxScope scope : {AuxScope::kSequence, AuxScope::kGlobalBatch}) {
+    Scenario sc = gridScenario(Preset::kMegatron, Axes{1, 0, 1, 1, 1, 1, 1, scope});
+    sc.aux.z_loss_coeff = 0.0;
+    const std::vector<double> single = flat(auxGradient(sc));
+    sc.mesh.tp = 4;
+    sc.mesh.cp = 2;
+    sc.mesh.dp = 3;
+    validateScenario(sc);
+    EXPECT_LE(relativeDifference(flat(auxGradient(sc)), single), 1e-13) << toString(scope);
+  }
+}
+
+// per_token_local_count with a padding mask: the in-place count all-reduce makes the aux exact and
+// only the z-loss stays x 1/(tp*cp), a direction error when both are on; without z-loss it passes.
+TEST(TensorParallelFaults, PerTokenLocalCountWithAMaskIsADirectionErrorOnlyThroughTheZLoss) {
+  Scenario sc = gridScenario(Preset::kMegatronPerToken, Axes{4, 0, 1, 3, 2, 1, 1, AuxScope::kMicroBatch});
+  sc.data.batch = 6;
+  sc.data.valid_lengths = {8, 6, 8, 3, 5, 7};
+  sc.faults = {Fault::kPerTokenLocalCount};
+  validateScenario(sc);
+  bool direction = false;
+  for (const CheckResult& c : checksOf(sc).checks)
+    direction |= c.kind == CheckKind::kAuxGrad && c.diagnosis.code == DiagnosisCode::kAuxGradDirection;
+  EXPECT_TRUE(direction);
+  sc.aux.z_loss_coeff = 0.0;
+  EXPECT_EQ(checksOf(sc).summary.verdict, Verdict::kPass);
 }
 
 }  // namespace

@@ -41,16 +41,17 @@ TEST(Sweep, EveryLayoutOfWorldFourPassesForTheQuickstart) {
   JsonReporter json_reporter(json_text);
   EmulatedBackend backend;
   const Report r = runSweep(sc, options, backend, {&json_reporter}, [&](int, int, const MeshConfig&) { ++calls; });
-  // batch 4, seq_len 16, 2 layers: (dp,pp,cp) in {(1,1,4),(1,2,2),(2,1,2),(2,2,1),(4,1,1)} with
-  // M | 4/dp: 3 + 3 + 2 + 2 + 1 = 11 layouts; (1,4,1), (2,... pp=4) are not allowed by 2 layers.
-  EXPECT_EQ(r.checks.size(), 11u);
-  EXPECT_EQ(calls, 11);
+  // batch 4, seq_len 16, 2 layers, megatron (SP with TP): tp 1: (dp,pp,cp) in {(1,1,4),(1,2,2),(2,1,2),
+  // (2,2,1),(4,1,1)} with M | 4/dp: 3 + 3 + 2 + 2 + 1 = 11 layouts ((1,4,1) and pp=4 are not allowed by
+  // 2 layers); tp 2: (1,1,2), (1,2,1), (2,1,1): 3 + 3 + 2 = 8; tp 4: (1,1,1): 3. 22 in all.
+  EXPECT_EQ(r.checks.size(), 22u);
+  EXPECT_EQ(calls, 22);
   EXPECT_EQ(r.summary.verdict, Verdict::kPass);
   for (const CheckResult& row : r.checks) EXPECT_EQ(row.layout->sizes.world(), 4);
   const auto json = nlohmann::json::parse(json_text.str());
   EXPECT_EQ(json["schema_version"], 1);
   EXPECT_EQ(json["kind"], "sweep");
-  EXPECT_EQ(json["rows"].size(), 11u);
+  EXPECT_EQ(json["rows"].size(), 22u);
   EXPECT_EQ(json["verdict"], "pass");
   const std::vector<std::string> errors = test::schemaErrors(json, "sweep.schema.json");
   EXPECT_TRUE(errors.empty()) << test::joined(errors);
@@ -80,20 +81,17 @@ TEST(Selftest, CoversEveryCatalogFaultOnceWithDistinctMeshQuantities) {
   }
 }
 
-TEST(Selftest, BinaryFlagsEveryFault) {
-  const CliRun r = runCli("selftest -q");
+// One selftest run of the binary (it runs every fault twice): its console footer and its JSON report.
+TEST(Selftest, BinaryFlagsEveryFaultAndItsJsonReportSatisfiesItsSchema) {
+  char dir_template[] = "/tmp/moe-selftest-json-XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  const std::string path = dir + "/selftest.json";
+  const CliRun r = runCli("selftest -q --report " + path);
   EXPECT_EQ(r.exit_code, 0) << r.out;
   EXPECT_NE(r.out.find("selftest: OK (" + std::to_string(faultCatalog().size()) + " faults flagged"),
             std::string::npos)
       << r.out;
   EXPECT_EQ(r.out.find("MISSED"), std::string::npos) << r.out;
-}
-
-TEST(Selftest, JsonReportSatisfiesItsSchema) {
-  char dir_template[] = "/tmp/moe-selftest-json-XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
-  const std::string path = dir + "/selftest.json";
-  ASSERT_EQ(runCli("selftest -q --report " + path).exit_code, 0);
   std::ifstream in(path);
   const nlohmann::json j = nlohmann::json::parse(in);
   EXPECT_EQ(j["kind"], "selftest");

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/progress.hpp"
 #include "reference/parallel.hpp"
 #include "reference/richardson.hpp"
 
@@ -124,6 +125,7 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
         }
       }
       for (int s = 0; s < k; ++s) in_topk[topk[s]] = 0;
+      progress::advance();  // one token's E logits differentiated: the watchdog sees work being done
     }
     counters[worker] = local;
   });

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "common/errors.hpp"
+#include "common/progress.hpp"
 #include "sim/schedule.hpp"
 
 namespace moe {
@@ -575,6 +576,7 @@ RankState RankProgram::run() {
   for (const PipelineAction& a : pipelineSchedule(L.schedule, L.pp, me_.pp, L.microbatches, L.virtual_stages)) {
     if (a.kind == PipelineAction::kForward) forward(a.microbatch, a.virtual_stage);
     else backward(a.microbatch, a.virtual_stage);
+    progress::advance();  // one schedule step done: the watchdog sees this rank working
   }
   // The router gradient summed over TP exactly when each TP rank routed its own tokens (Megatron's
   // sequence_parallel attribute, torchtitan's DTensor reduction), then the DDP/FSDP reduction over

@@ -299,6 +299,61 @@ TEST(CliScenarios, DirectoryHoldsScenarios) {
   EXPECT_TRUE(has_quickstart);
 }
 
+// A check's diagnosis code, "" for a check without one (a passing check's diagnosis is null).
+std::string diagnosisCode(const json& check) {
+  const auto d = check.find("diagnosis");
+  return d != check.end() && d->is_object() ? d->value("code", "") : "";
+}
+
+const json* checkNamed(const json& report, const std::string& name) {
+  for (const json& c : report["checks"])
+    if (c.value("name", "") == name) return &c;
+  return nullptr;
+}
+
+// `verify` of the capture that `run --capture` wrote of the same step reaches run's verdict on the
+// checks a capture can hold (aux_grad/layer{l}/router_weight and replicas/layer{l}), the same diagnosis
+// code on each aux-gradient check and, on the last layer (no later layer's aux loss reaches it, in
+// either), the same scale to 1e-12. What one capture cannot hold is left out: the coefficient-linearity
+// check (a second step at 2 alpha) and the main-gradient control (the main loss is multiplied by 0);
+// and, for a fault of the gradient path between layers (expected MAIN_GRAD_MISMATCH: the router's
+// input gradient under TP or EP), every layer but the last: in run that path also carries later
+// layers' aux gradients into earlier routers, which a capture detaches by design.
+void expectVerifyOfTheCaptureAgrees(const json& run_report, const fs::path& capture_dir, const fs::path& work,
+                                    bool between_layer_fault) {
+  ASSERT_TRUE(fs::exists(capture_dir / "rank0.safetensors")) << "run --capture wrote no capture";
+  const fs::path verify_path = work / "V.json";
+  const CliResult verify = runCli({"verify", capture_dir.string(), "--report", verify_path.string()}, work);
+  ASSERT_TRUE(fs::exists(verify_path)) << verify;
+  const json v = readJson(verify_path);
+  EXPECT_EQ(v["kind"], "verify");
+
+  bool run_fails = false;
+  const int layers = run_report["scenario"]["model"]["layers"].get<int>();
+  for (int l = between_layer_fault ? layers - 1 : 0; l < layers; ++l) {
+    const std::string aux = "aux_grad/layer" + std::to_string(l) + "/router_weight";
+    const std::string replicas = "replicas/layer" + std::to_string(l);
+    const json* ra = checkNamed(run_report, aux);
+    const json* va = checkNamed(v, aux);
+    ASSERT_TRUE(ra && va) << aux << " missing";
+    EXPECT_EQ((*va)["ok"], (*ra)["ok"]) << aux << ": verify " << va->dump() << "\nrun " << ra->dump();
+    EXPECT_EQ(diagnosisCode(*va), diagnosisCode(*ra)) << aux;
+    if (l == layers - 1 && (*ra)["scale"].is_number() && (*va)["scale"].is_number()) {
+      const double rs = (*ra)["scale"].get<double>(), vs = (*va)["scale"].get<double>();
+      EXPECT_LE(std::fabs(vs - rs), 1e-12 * std::max(1.0, std::fabs(rs))) << aux << ": run " << rs << " verify " << vs;
+    }
+    const json* rr = checkNamed(run_report, replicas);
+    const json* vr = checkNamed(v, replicas);
+    ASSERT_TRUE(rr && vr) << replicas << " missing";
+    EXPECT_EQ((*vr)["ok"], (*rr)["ok"]) << replicas;
+    run_fails |= !(*ra)["ok"].get<bool>() || !(*rr)["ok"].get<bool>();
+  }
+  if (!between_layer_fault) {
+    EXPECT_EQ(v["verdict"], run_fails ? "fail" : "pass") << verify;
+    EXPECT_EQ(verify.exit_code, run_fails ? 1 : 0) << verify;
+  }
+}
+
 class CliScenario : public ::testing::TestWithParam<ScenarioFile> {};
 
 TEST_P(CliScenario, ValidatesAndMeetsItsExpectation) {
@@ -310,10 +365,10 @@ TEST_P(CliScenario, ValidatesAndMeetsItsExpectation) {
   const CliResult validate = runCli({"validate", scenario_path.string()}, dir.path());
   EXPECT_EQ(validate.exit_code, 0) << validate;
 
-  const fs::path report_path = dir / "R.json", junit_path = dir / "J.xml";
-  const CliResult run = runCli(
-      {"run", scenario_path.string(), "--report", report_path.string(), "--junit", junit_path.string()},
-      dir.path());
+  const fs::path report_path = dir / "R.json", junit_path = dir / "J.xml", capture_dir = dir / "capture";
+  const CliResult run = runCli({"run", scenario_path.string(), "--report", report_path.string(), "--junit",
+                                junit_path.string(), "--capture", capture_dir.string()},
+                               dir.path());
   EXPECT_EQ(run.exit_code, 0) << run;
   EXPECT_TRUE(contains(run.out, "# expectation: met")) << run;
 
@@ -360,6 +415,8 @@ TEST_P(CliScenario, ValidatesAndMeetsItsExpectation) {
   const std::string xml = readText(junit_path);
   EXPECT_TRUE(contains(xml, "<testsuite"));
   EXPECT_EQ(countTestcases(xml), static_cast<int>(report["checks"].size()));
+
+  expectVerifyOfTheCaptureAgrees(report, capture_dir, dir.path(), diagnosis == "MAIN_GRAD_MISMATCH");
 }
 
 INSTANTIATE_TEST_SUITE_P(Cli, CliScenario, ::testing::ValuesIn(shippedScenarios()),

@@ -932,6 +932,8 @@ void CaptureLayer::readRows(std::int64_t begin, std::int64_t count, double* out)
   for (std::int64_t t = 0; t < count; ++t) {
     convertToDouble(row_data[begin + t], width, row_dtype[begin + t],
                     out + static_cast<std::size_t>(t) * width);
+    // The row is in `out` now: its pages need not stay resident (the reference streams the rows).
+    releaseResidentPages(row_data[begin + t], width * captureFloatSize(row_dtype[begin + t]));
   }
 }
 
@@ -1018,6 +1020,9 @@ Capture loadCapture(const std::string& directory) {
   for (RankFile& rank : ranks) {
     capture.rank_manifests.push_back(rank.manifest);
     capture.mappings.push_back(rank.view.mapping());
+    // Every byte was checked and what is kept was converted: the mapping's pages go back until
+    // readRows streams the inputs, so the capture is never resident twice (once here, once read).
+    releaseResidentPages(rank.view.mapping().get(), rank.view.fileSize());
   }
   return capture;
 }

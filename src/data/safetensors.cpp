@@ -305,6 +305,14 @@ std::vector<NamedTensor> readSafetensors(const std::string& path) {
   return readSafetensorsFile(path).tensors;
 }
 
+void releaseResidentPages(const void* address, std::size_t bytes) noexcept {
+  if (address == nullptr || bytes == 0) return;
+  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<std::uintptr_t>(address) / page * page;
+  const auto end = (reinterpret_cast<std::uintptr_t>(address) + bytes + page - 1) / page * page;
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 NamedTensor makeF64Tensor(std::string name, std::vector<std::int64_t> shape,
                           const std::vector<double>& values) {
   if (elementCount(shape) != static_cast<std::int64_t>(values.size())) {

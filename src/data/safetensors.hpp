@@ -89,6 +89,13 @@ class SafetensorsView {
   std::map<std::string, std::string> metadata_;
 };
 
+// Drops the pages of [address, address + bytes) of a read-only file mapping from the process's resident
+// set (madvise MADV_DONTNEED, the range widened to whole pages). Nothing is lost: the mapping is never
+// written, so a later read faults the bytes back in from the file (usually from the page cache). A
+// reader that streams a large mapping once calls it on what it has read, so that its peak RSS does not
+// grow with the file size. Errors are ignored (the call only gives advice).
+void releaseResidentPages(const void* address, std::size_t bytes) noexcept;
+
 // Builders; throw std::invalid_argument when values.size() != prod(shape).
 NamedTensor makeF64Tensor(std::string name, std::vector<std::int64_t> shape,
                           const std::vector<double>& values);

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/errors.hpp"
+#include "common/interrupt.hpp"
 #include "scenario/catalog.hpp"
 #include "sim/mesh_layout.hpp"
 
@@ -110,6 +111,7 @@ void writeCaptureDirectory(const std::string& directory, const std::vector<Captu
   const fs::path temp = target.parent_path() / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()));
   std::error_code ec;
   fs::remove_all(temp, ec);
+  interrupt::TemporaryPath removed_if_interrupted(temp.string());  // until it is renamed into place
   try {
     writeCapture(temp.string(), ranks);
     if (fs::exists(target, ec)) fs::remove(target, ec);  // an empty directory (checked above)

@@ -6,8 +6,10 @@
 
 #include "cli/commands.hpp"
 #include "common/errors.hpp"
+#include "common/interrupt.hpp"
 
 int main(int argc, char** argv) {
+  moe::interrupt::exitOnSignal();  // SIGINT/SIGTERM: unfinished outputs removed, exit 130/143
   CLI::App app{"moe-lbcheck: verify MoE load-balancing aux-loss gradients under parallel meshes and in captures of real jobs"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string(MOE_VERSION));

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/errors.hpp"
+#include "common/interrupt.hpp"
 #include "common/json_input.hpp"
 
 namespace moe {
@@ -758,6 +759,7 @@ void writeFileAtomically(const std::string& path, const std::string& content) {
     if (fd < 0 && errno != EEXIST) throw fail("cannot create a temporary file in " + directory.string(), errno);
   }
   if (fd < 0) throw fail("cannot create a unique temporary file in " + directory.string(), EEXIST);
+  interrupt::TemporaryPath removed_if_interrupted(temp_path);  // until it is renamed into place
 
   auto discard = [&](const std::string& what) {
     const int error_number = errno;

@@ -16,6 +16,7 @@
 #endif
 
 #include "common/errors.hpp"
+#include "common/progress.hpp"
 
 namespace moe {
 
@@ -100,6 +101,7 @@ struct C10dCommunicator::Impl {
       throw RuntimeFailure("gloo", rank, op, "not attempted: an earlier operation of this rank failed");
     try {
       f();
+      progress::advance();  // a completed operation is progress (the control channel's heartbeat)
     } catch (const RuntimeFailure&) {
       failed = true;
       throw;

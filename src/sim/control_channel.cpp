@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/errors.hpp"
+#include "common/progress.hpp"
 
 namespace moe {
 namespace {
@@ -75,7 +76,8 @@ std::string ControlChannel::wait(int index, const std::string& op) {
           last_beat = beat;
           last_beat_change = now;
         } else if (now - last_beat_change > im.options.timeout) {
-          throw fail(fmt::format("rank 0 has sent no heartbeat for {:.3g} s: it hangs or was stopped",
+          throw fail(fmt::format("rank 0 has made no progress for {:.3g} s (no heartbeat, which it sends only "
+                                 "while its work advances): it hangs outside a collective or was stopped",
                                  std::chrono::duration<double>(now - last_beat_change).count()));
         }
       }
@@ -96,13 +98,19 @@ void ControlChannel::startHeartbeat() {
   im.store->add(beat_key, 1);
   im.heartbeat = std::thread([&im, beat_key] {
     std::unique_lock<std::mutex> lock(im.mutex);
+    std::uint64_t last_progress = progress::count();
     while (!im.stop) {
       lock.unlock();
+      // A beat says "working", not "alive": it is sent only when this process advanced its progress
+      // counter (reference tokens, schedule steps, completed collectives) since the last one, so a
+      // rank 0 stuck outside any collective is seen as stuck however long its legitimate phases are.
+      const std::uint64_t now = progress::count();
       try {
-        im.heartbeat_store->add(beat_key, 1);
+        if (now != last_progress) im.heartbeat_store->add(beat_key, 1);
       } catch (...) {
         return;
       }
+      last_progress = now;
       lock.lock();
       im.cv.wait_for(lock, std::chrono::milliseconds(500), [&] { return im.stop; });
     }

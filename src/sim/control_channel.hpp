@@ -1,8 +1,10 @@
 // The control channel of a distributed run: how rank 0 tells the other ranks what to do next, and
 // how they know it is still there. Commands are JSON texts under "<prefix>/cmd/<i>" in the session's
-// c10d Store (posted by rank 0 in order, read by the others in order); rank 0's liveness is a counter
-// "<prefix>/heartbeat" that a thread of rank 0 bumps every 0.5 s over its own store connection (a
-// c10d store client is not shared between threads).
+// c10d Store (posted by rank 0 in order, read by the others in order); that rank 0 is still working is
+// a counter "<prefix>/heartbeat" that a thread of rank 0 bumps, every 0.5 s at most and only when
+// rank 0's progress counter (common/progress.hpp) moved, over its own store connection (a c10d store
+// client is not shared between threads). A waiting rank gives up when the counter stands still for
+// the timeout: rank 0 exited, crashed, or hangs outside a collective.
 #pragma once
 
 #include <chrono>
@@ -33,8 +35,8 @@ class ControlChannel {
   // Rank 0: the next command (index = the number posted before). Throws RuntimeFailure naming the
   // store on failure.
   int post(const std::string& command_json);
-  // Other ranks: waits for command `index`; throws RuntimeFailure when rank 0's store is gone or its
-  // heartbeat stopped for the timeout. `waiting_for` describes the wait in the error.
+  // Other ranks: waits for command `index`; throws RuntimeFailure when rank 0's store is gone or it
+  // made no progress for the timeout. `waiting_for` describes the wait in the error.
   std::string wait(int index, const std::string& waiting_for);
   // Rank 0: starts and stops the heartbeat thread.
   void startHeartbeat();

@@ -197,6 +197,8 @@ MeshRunResult runOnThisRank(DistributedSession& session, const MeshRequest& requ
 }  // namespace
 
 MeshRunResult DistributedBackend::run(const MeshRequest& request) {
+  if (!posted_a_command_) TestHooks::fromEnvironment().applyBeforeFirstCommand(session_.rank());
+  posted_a_command_ = true;
   const int index = session_.channel().post(commandOf(request).dump());
   return runOnThisRank(session_, request, index);
 }

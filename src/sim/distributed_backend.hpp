@@ -32,6 +32,7 @@ class DistributedBackend : public MeshBackend {
 
  private:
   DistributedSession& session_;
+  bool posted_a_command_ = false;  // the test hooks of rank 0's first command (sim/test_hooks.hpp)
 };
 
 // Ranks != 0: runs rank 0's mesh runs until it posts "done" (returns 0) or "abort" (throws Error with

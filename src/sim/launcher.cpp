@@ -24,6 +24,7 @@
 #include <fmt/format.h>
 
 #include "common/errors.hpp"
+#include "common/interrupt.hpp"
 #include "sim/c10d_communicator.hpp"
 
 extern char** environ;
@@ -229,13 +230,14 @@ int launchLocalRanks(const Scenario& scenario, int nproc, const std::string& bac
   pid_t pgid = 0;
   for (int r = 0; r < nproc; ++r) {
     // The ranks are forked, not exec'd: LibTorch, OpenBLAS and the parsed scenario are already here
-    // (this process is single-threaded: OpenBLAS's own workers are re-created by its atfork handler).
+    // (its only other thread is interrupt's cleanup thread, blocked in read(2) and holding no lock;
+    // OpenBLAS's own workers are re-created by its atfork handler).
     const pid_t pid = fork();
     if (pid == 0) {
       setpgid(0, pgid);  // the first child leads a new group, the others join it
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != launcher_pid) _exit(127);  // the launcher died before prctl took effect
-      for (int sig : {SIGINT, SIGTERM, SIGHUP}) signal(sig, SIG_DFL);
+      interrupt::exitOnSignal(/*quiet=*/true);  // a rank stopped by a signal removes its unfinished outputs
       RankEnvironment env;
       env.rank = r;
       env.world_size = nproc;

@@ -113,6 +113,7 @@ struct Process {
 
 struct ProcessResult {
   int exit_code = -1;  // the exit status, or 128 + signal
+  int signal = 0;      // the signal that ended the process, 0 when it exited
   std::string out, err, command;
 };
 
@@ -185,6 +186,7 @@ std::vector<ProcessResult> waitAll(std::vector<Process>& procs,
         --left;
         results[i].exit_code = WIFEXITED(status) ? WEXITSTATUS(status)
                                                  : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+        results[i].signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       }
     }
     if (left == 0) break;
@@ -504,14 +506,14 @@ struct FaultRun {
   std::vector<pid_t> leftovers;
 };
 
-FaultRun runWithFault(const std::string& hook, int rank) {
+FaultRun runWithFault(const std::string& hook, int rank, const std::string& timeout_s = "4") {
   TempDir dir;
   const fs::path scenario = withMesh(dir.path(), "quickstart.json", 2, 2, 1, 2);  // 4 ranks
   const std::string token = uniqueToken();
   FaultRun run;
   run.result = runCli({"run", scenario.string(), "--backend", "gloo", "--report", (dir / "r.json").string()},
                       {{hook, std::to_string(rank)},
-                       {"MOE_LBCHECK_TIMEOUT_S", "4"},
+                       {"MOE_LBCHECK_TIMEOUT_S", timeout_s},
                        {"MOE_LBCHECK_TEST_TOKEN", token}},
                       dir.path());
   run.leftovers = processesWithToken(token);
@@ -570,6 +572,186 @@ TEST(GlooFaults, RankThatHangsTimesOutTheOthersAndIsKilled) {
   EXPECT_TRUE(contains(r.err, "imed out")) << "some rank reports its timeout\n" << r;
   expectSurvivorsNamedTheirOperation(r, 3, 4);
   EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
+}
+
+TEST(GlooFaults, RankThatSegfaultsMakesEveryOtherRankExit3) {
+  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_SEGV_RANK", 1);
+  const ProcessResult& r = run.result;
+  EXPECT_EQ(r.exit_code, 3) << r;
+  EXPECT_TRUE(contains(r.err, "rank 1 failed first (killed by signal 11")) << r;
+  expectSurvivorsNamedTheirOperation(r, 1, 4);
+  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
+}
+
+TEST(GlooFaults, RankThatIsKilledMakesEveryOtherRankExit3) {
+  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_KILL_RANK", 2);
+  const ProcessResult& r = run.result;
+  EXPECT_EQ(r.exit_code, 3) << r;
+  EXPECT_TRUE(contains(r.err, "rank 2 failed first (killed by signal 9")) << r;
+  expectSurvivorsNamedTheirOperation(r, 2, 4);
+  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
+}
+
+// Rank 0 alive but stuck outside any collective (where it computes the reference): its heartbeat
+// carries progress, not liveness, so the waiting ranks give up after the timeout.
+TEST(GlooFaults, RankZeroStuckOutsideACollectiveIsDetected) {
+  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_STALL_RANK0", 1);
+  const ProcessResult& r = run.result;
+  EXPECT_EQ(r.exit_code, 3) << r;
+  for (int k = 1; k < 4; ++k) {
+    EXPECT_TRUE(contains(r.err, "rank " + std::to_string(k) + ": exited with code 3")) << r;
+    EXPECT_TRUE(contains(r.err, "gloo rank " + std::to_string(k) + " waiting for rank 0's first mesh run")) << r;
+  }
+  EXPECT_TRUE(contains(r.err, "rank 0 has made no progress for")) << r;
+  EXPECT_TRUE(contains(r.err, "rank 0: killed by the launcher")) << r;
+  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
+}
+
+// A legitimate phase of rank 0 longer than the timeout (the reference takes minutes at DeepSeek-V3
+// size) is not a hang: it advances rank 0's progress counter, and the run passes.
+TEST(GlooFaults, LongPhaseThatProgressesIsNotAHang) {
+  TempDir dir;
+  const fs::path scenario = withMesh(dir.path(), "quickstart.json", 2, 1, 1, 1);  // 2 ranks
+  const ProcessResult r =
+      runCli({"run", scenario.string(), "--backend", "gloo", "--report", (dir / "r.json").string()},
+             {{"MOE_LBCHECK_TEST_SLOW_RANK0_S", "7"}, {"MOE_LBCHECK_TIMEOUT_S", "2"}}, dir.path());
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_TRUE(contains(r.err, "test hook: rank 0 works 7 s more")) << r;
+  EXPECT_TRUE(fs::exists(dir / "r.json")) << r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Interrupts: SIGINT and SIGTERM to the tool end it with 130 and 143, every rank stopped, nothing written
+
+// Starts the tool, sends it `sig` once `ready` appears on its stderr, and waits for it.
+ProcessResult interruptOnceReady(const std::vector<std::string>& args, const EnvOverrides& env, const fs::path& cwd,
+                                 const std::string& ready, int sig) {
+  TempDir capture;
+  std::vector<Process> procs{spawnCli(args, env, cwd, capture.path(), "cli")};
+  // A safety net for the suite, not a bound on the tool: a run that never gets ready is reported.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  bool sent = false;
+  while (std::chrono::steady_clock::now() < give_up) {
+    if (contains(readText(procs[0].err), ready)) {
+      ::kill(procs[0].pid, sig);
+      sent = true;
+      break;
+    }
+    int status = 0;
+    if (::waitpid(procs[0].pid, &status, WNOHANG) == procs[0].pid) {
+      ADD_FAILURE() << "the tool ended before it printed '" << ready << "'";
+      procs[0].pid = -1;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!sent && procs[0].pid > 0) ADD_FAILURE() << "'" << ready << "' never appeared";
+  return waitAll(procs).front();
+}
+
+void expectInterrupted(int sig, int code, const std::vector<std::string>& extra_outputs) {
+  TempDir dir;
+  const fs::path scenario = withMesh(dir.path(), "quickstart.json", 2, 2, 1, 2);  // 4 ranks
+  const std::string token = uniqueToken();
+  std::vector<std::string> args{"run", scenario.string(), "--backend", "gloo", "--report", "r.json", "--junit", "j.xml"};
+  args.insert(args.end(), extra_outputs.begin(), extra_outputs.end());
+  const ProcessResult r =
+      interruptOnceReady(args, {{"MOE_LBCHECK_TEST_SLOW_RANK0_S", "600"}, {"MOE_LBCHECK_TEST_TOKEN", token}},
+                         dir.path(), "test hook: rank 0 works", sig);
+  EXPECT_EQ(r.signal, 0) << "the tool exits with a code, it is not killed\n" << r;
+  EXPECT_EQ(r.exit_code, code) << r;
+  EXPECT_TRUE(contains(r.err, "interrupted by signal " + std::to_string(sig))) << r;
+  EXPECT_EQ(listDir(dir.path()), std::set<std::string>{scenario.filename().string()}) << "nothing written\n" << r;
+  EXPECT_TRUE(processesWithToken(token).empty()) << "processes left behind";
+}
+
+TEST(Interrupts, SigintStopsAGlooRunWith130) { expectInterrupted(SIGINT, 130, {}); }
+
+TEST(Interrupts, SigtermStopsAGlooRunWith143AndWritesNoCapture) {
+  expectInterrupted(SIGTERM, 143, {"--capture", "cap", "--dump", "d.safetensors"});
+}
+
+TEST(Interrupts, SigtermStopsAnEmulatedSweepWith143) {
+  TempDir dir;
+  const ProcessResult r = interruptOnceReady(
+      {"sweep", (fs::path(MOE_SCENARIOS_DIR) / "quickstart.json").string(), "--world", "8", "--report", "s.json",
+       "--junit", "s.xml"},
+      {}, dir.path(), "[2/", SIGTERM);
+  EXPECT_EQ(r.signal, 0) << r;
+  EXPECT_EQ(r.exit_code, 143) << r;
+  EXPECT_TRUE(contains(r.err, "interrupted by signal 15")) << r;
+  EXPECT_TRUE(listDir(dir.path()).empty()) << "nothing written\n" << r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The local launcher keeps everything on loopback: a FileStore in a private folder, Gloo on 127.0.0.1
+
+struct TcpSocket {
+  std::string local;  // hex address:port as /proc/net/tcp{,6} writes it
+  std::string remote;
+  bool listening = false;
+  bool loopback = false;  // the local address is 127.0.0.0/8 or ::1
+};
+
+// The TCP sockets of process `pid`: its socket inodes (/proc/PID/fd) looked up in /proc/net/tcp{,6}.
+std::vector<TcpSocket> tcpSocketsOf(pid_t pid) {
+  std::set<std::string> inodes;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    const std::string target = fs::read_symlink(e.path(), ec).string();
+    if (target.rfind("socket:[", 0) == 0) inodes.insert(target.substr(8, target.size() - 9));
+  }
+  std::vector<TcpSocket> found;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::istringstream lines(readText(table));
+    std::string line;
+    std::getline(lines, line);  // the header
+    while (std::getline(lines, line)) {
+      std::istringstream f(line);
+      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      f >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >> timeout >> inode;
+      if (inodes.count(inode) == 0) continue;
+      const std::string address = local.substr(0, local.find(':'));
+      TcpSocket sock;
+      sock.local = local;
+      sock.remote = remote;
+      sock.listening = state == "0A";
+      sock.loopback = (address.size() == 8 && address.compare(6, 2, "7F") == 0) ||     // 127.x.x.x
+                      address == "00000000000000000000000001000000" ||                 // ::1
+                      (address.size() == 32 && address.compare(0, 24, "0000000000000000FFFF0000") == 0 &&
+                       address.compare(30, 2, "7F") == 0);                             // ::ffff:127.x.x.x
+      found.push_back(sock);
+    }
+  }
+  return found;
+}
+
+TEST(Loopback, LocalGlooRunListensOnlyOnLoopback) {
+  TempDir dir, capture;
+  const fs::path scenario = withMesh(dir.path(), "quickstart.json", 2, 2, 1, 2);  // 4 ranks
+  const std::string token = uniqueToken();
+  std::vector<Process> procs{spawnCli({"run", scenario.string(), "--backend", "gloo"},
+                                      {{"MOE_LBCHECK_TEST_SLOW_RANK0_S", "4"}, {"MOE_LBCHECK_TEST_TOKEN", token}},
+                                      dir.path(), capture.path(), "cli")};
+  // While rank 0 is in its long phase every rank has rendezvoused and created its Gloo groups.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!contains(readText(procs[0].err), "test hook: rank 0 works") && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const std::vector<pid_t> pids = processesWithToken(token);
+  int listening = 0, connected = 0;
+  for (pid_t pid : pids)
+    for (const TcpSocket& sock : tcpSocketsOf(pid)) {
+      EXPECT_TRUE(sock.loopback) << "process " << pid << " has a TCP socket on " << sock.local
+                                 << (sock.listening ? " (listening)" : "");
+      listening += sock.listening;
+      connected += !sock.listening;
+    }
+  const ProcessResult r = waitAll(procs).front();
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(pids.size(), 5u) << "the launcher and its 4 ranks";
+  EXPECT_GT(connected, 0) << "Gloo's pairs are TCP connections: the check saw them";
+  std::printf("[loopback] %zu processes: %d listening and %d connected TCP sockets, all on loopback\n", pids.size(),
+              listening, connected);
 }
 
 // ------------------------------------------------------------------------------------------------

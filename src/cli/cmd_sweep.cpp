@@ -52,7 +52,7 @@ void setupSweepCommand(CLI::App& app, int& exit_code) {
   auto opt = std::make_shared<SweepCliOptions>();
   CLI::App* sub = app.add_subcommand("sweep", "Run a scenario on every layout of a world size; exit 1 if any fails");
   sub->add_option("scenario", opt->scenario, "Scenario JSON file")->required();
-  sub->add_option("--world", opt->world, "World size dp*pp*cp")->required()->check(CLI::Range(1, 4096));
+  sub->add_option("--world", opt->world, "World size tp*dp*pp*cp (the ranks of the layouts tried)")->required()->check(CLI::Range(1, 4096));
   sub->add_flag("--fixed-microbatches", opt->fixed_microbatches,
                 "Keep the scenario's microbatch count instead of trying every count the batch allows");
   addOverrideOptions(*sub, opt->overrides);

@@ -16,7 +16,7 @@ void fillNormal(std::vector<double>& v, std::size_t n, double stddev, SplitMix64
 
 }  // namespace
 
-ProblemData generateProblem(const Scenario& sc) {
+ProblemData problemShapeOf(const Scenario& sc) {
   ProblemData d;
   d.batch = sc.data.batch;
   d.seq_len = sc.data.seq_len;
@@ -24,6 +24,11 @@ ProblemData generateProblem(const Scenario& sc) {
   d.experts = sc.model.experts;
   d.ffn = sc.model.ffn;
   d.layers = sc.model.layers;
+  return d;
+}
+
+ProblemData generateProblem(const Scenario& sc) {
+  ProblemData d = problemShapeOf(sc);
   const std::size_t B = d.batch, S = d.seq_len, H = d.hidden, E = d.experts, F = d.ffn;
   // Independent streams per tensor so that changing one size does not reshuffle the others.
   SplitMix64 rx(sc.seed * 7919 + 1), ry(sc.seed * 7919 + 2);

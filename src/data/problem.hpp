@@ -28,6 +28,9 @@ struct ProblemData {
 // ~N(0,1); expert_in ~ N(0, 1/H); expert_out ~ N(0, 1/F). valid[b][s] = s < valid_lengths[b].
 ProblemData generateProblem(const Scenario& scenario);
 
+// A ProblemData with the scenario's sizes (batch, seq_len, hidden, experts, ffn, layers) and no tensors.
+ProblemData problemShapeOf(const Scenario& scenario);
+
 // generateProblem, or the safetensors file named by scenario.data.safetensors when set.
 ProblemData loadProblem(const Scenario& scenario);
 

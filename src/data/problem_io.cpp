@@ -107,13 +107,7 @@ std::string resolveDataPath(const Scenario& scenario) {
 
 ProblemData loadProblemFromSafetensors(const Scenario& scenario, const std::string& safetensors_path) {
   const ProblemTensorReader reader(scenario, safetensors_path);
-  ProblemData p;
-  p.batch = scenario.data.batch;
-  p.seq_len = scenario.data.seq_len;
-  p.hidden = scenario.model.hidden;
-  p.experts = scenario.model.experts;
-  p.ffn = scenario.model.ffn;
-  p.layers = scenario.model.layers;
+  ProblemData p = problemShapeOf(scenario);
   const std::int64_t B = p.batch, S = p.seq_len, H = p.hidden, E = p.experts, F = p.ffn;
 
   p.x = reader.floats("x", {B, S, H}, "data.batch x data.seq_len x model.hidden");

@@ -537,64 +537,46 @@ void expectSurvivorsNamedTheirOperation(const ProcessResult& r, int failed, int 
   }
 }
 
-TEST(GlooFaults, RankThatExitsMakesEveryOtherRankExit3) {
-  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_EXIT_RANK", 2);
+// A rank fault injected at the first mesh run of a 4-rank mesh, and how the launcher must name it.
+struct RankFault {
+  const char* name;
+  const char* hook;   // the MOE_LBCHECK_TEST_* variable (src/sim/test_hooks.hpp)
+  int rank;
+  const char* cause;  // in the launcher's summary
+  const char* also;   // some rank's message also says this ("" = nothing more)
+};
+
+class GlooFaults : public ::testing::TestWithParam<RankFault> {};
+
+// Every surviving rank ends on its own with code 3 naming its operation, the launcher names the
+// faulty rank and how it ended, and no process is left behind.
+TEST_P(GlooFaults, EveryOtherRankExits3AndTheLauncherNamesTheRank) {
+  const RankFault& f = GetParam();
+  const FaultRun run = runWithFault(f.hook, f.rank);
   const ProcessResult& r = run.result;
   EXPECT_EQ(r.exit_code, 3) << r;
-  EXPECT_TRUE(contains(r.err, "rank 2 failed first (exited with code 9")) << r;
-  expectSurvivorsNamedTheirOperation(r, 2, 4);
+  EXPECT_TRUE(contains(r.err, f.cause)) << r;
+  if (*f.also != '\0') EXPECT_TRUE(contains(r.err, f.also)) << r;
+  expectSurvivorsNamedTheirOperation(r, f.rank, 4);
   EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
 }
 
-TEST(GlooFaults, RankZeroThatExitsMakesEveryOtherRankExit3) {
-  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_EXIT_RANK", 0);
-  const ProcessResult& r = run.result;
-  EXPECT_EQ(r.exit_code, 3) << r;
-  EXPECT_TRUE(contains(r.err, "rank 0 failed first (exited with code 9")) << r;
-  expectSurvivorsNamedTheirOperation(r, 0, 4);
-  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
-}
-
-TEST(GlooFaults, RankThatCrashesMakesEveryOtherRankExit3) {
-  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_CRASH_RANK", 1);
-  const ProcessResult& r = run.result;
-  EXPECT_EQ(r.exit_code, 3) << r;
-  EXPECT_TRUE(contains(r.err, "rank 1 failed first (killed by signal 6")) << r;
-  expectSurvivorsNamedTheirOperation(r, 1, 4);
-  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
-}
-
-TEST(GlooFaults, RankThatHangsTimesOutTheOthersAndIsKilled) {
-  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_HANG_RANK", 3);
-  const ProcessResult& r = run.result;
-  EXPECT_EQ(r.exit_code, 3) << r;
-  EXPECT_TRUE(contains(r.err, "rank 3: killed by the launcher")) << r;
-  EXPECT_TRUE(contains(r.err, "imed out")) << "some rank reports its timeout\n" << r;
-  expectSurvivorsNamedTheirOperation(r, 3, 4);
-  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
-}
-
-TEST(GlooFaults, RankThatSegfaultsMakesEveryOtherRankExit3) {
-  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_SEGV_RANK", 1);
-  const ProcessResult& r = run.result;
-  EXPECT_EQ(r.exit_code, 3) << r;
-  EXPECT_TRUE(contains(r.err, "rank 1 failed first (killed by signal 11")) << r;
-  expectSurvivorsNamedTheirOperation(r, 1, 4);
-  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
-}
-
-TEST(GlooFaults, RankThatIsKilledMakesEveryOtherRankExit3) {
-  const FaultRun run = runWithFault("MOE_LBCHECK_TEST_KILL_RANK", 2);
-  const ProcessResult& r = run.result;
-  EXPECT_EQ(r.exit_code, 3) << r;
-  EXPECT_TRUE(contains(r.err, "rank 2 failed first (killed by signal 9")) << r;
-  expectSurvivorsNamedTheirOperation(r, 2, 4);
-  EXPECT_TRUE(run.leftovers.empty()) << "processes left behind";
-}
+INSTANTIATE_TEST_SUITE_P(
+    Ranks, GlooFaults,
+    ::testing::Values(
+        RankFault{"RankExits", "MOE_LBCHECK_TEST_EXIT_RANK", 2, "rank 2 failed first (exited with code 9", ""},
+        RankFault{"RankZeroExits", "MOE_LBCHECK_TEST_EXIT_RANK", 0, "rank 0 failed first (exited with code 9", ""},
+        RankFault{"RankAborts", "MOE_LBCHECK_TEST_CRASH_RANK", 1, "rank 1 failed first (killed by signal 6", ""},
+        RankFault{"RankSegfaults", "MOE_LBCHECK_TEST_SEGV_RANK", 1, "rank 1 failed first (killed by signal 11", ""},
+        RankFault{"RankIsKilled", "MOE_LBCHECK_TEST_KILL_RANK", 2, "rank 2 failed first (killed by signal 9", ""},
+        // The others time out in their collective with it; the launcher kills it after the grace.
+        RankFault{"RankHangsInACollective", "MOE_LBCHECK_TEST_HANG_RANK", 3, "rank 3: killed by the launcher",
+                  "imed out"}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 // Rank 0 alive but stuck outside any collective (where it computes the reference): its heartbeat
 // carries progress, not liveness, so the waiting ranks give up after the timeout.
-TEST(GlooFaults, RankZeroStuckOutsideACollectiveIsDetected) {
+TEST(GlooRankZero, StuckOutsideACollectiveIsDetected) {
   const FaultRun run = runWithFault("MOE_LBCHECK_TEST_STALL_RANK0", 1);
   const ProcessResult& r = run.result;
   EXPECT_EQ(r.exit_code, 3) << r;
@@ -609,7 +591,7 @@ TEST(GlooFaults, RankZeroStuckOutsideACollectiveIsDetected) {
 
 // A legitimate phase of rank 0 longer than the timeout (the reference takes minutes at DeepSeek-V3
 // size) is not a hang: it advances rank 0's progress counter, and the run passes.
-TEST(GlooFaults, LongPhaseThatProgressesIsNotAHang) {
+TEST(GlooRankZero, LongPhaseThatProgressesIsNotAHang) {
   TempDir dir;
   const fs::path scenario = withMesh(dir.path(), "quickstart.json", 2, 1, 1, 1);  // 2 ranks
   const ProcessResult r =

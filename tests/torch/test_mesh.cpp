@@ -255,20 +255,13 @@ struct Axes {
   AuxScope scope;
 };
 
+// The grid's scenario: smallScenario's padding and losses, 8 experts (so that ep can be 2, 4 or 8).
 Scenario gridScenario(Preset preset, const Axes& a) {
-  Scenario sc;
+  Scenario sc = smallScenario();
   sc.name = "tp-grid";
   sc.seed = 9;
-  sc.model.hidden = 12;
   sc.model.experts = 8;
-  sc.model.top_k = 2;
-  sc.model.layers = 4;
   sc.model.ffn = 8;
-  sc.data.batch = 12;
-  sc.data.seq_len = 8;
-  sc.data.valid_lengths = {8, 6, 8, 3, 8, 8, 5, 8, 7, 8, 2, 8};
-  sc.aux.coeff = 0.01;
-  sc.aux.z_loss_coeff = 0.001;
   sc.aux.type = a.scope;
   sc.framework.preset = preset;
   sc.mesh.tp = a.tp;

@@ -13,6 +13,7 @@
 
 #include "data/problem.hpp"
 #include "reference/reference.hpp"
+#include "../reference_problem.hpp"
 
 namespace moe {
 namespace {
@@ -65,30 +66,12 @@ TEST(ReferenceGolden, NumbersUnchangedBySplittingTheReference) {
   for (const GoldenCase& c : kCases) {
     SCOPED_TRACE(c.name);
     const nlohmann::json& g = golden.at(c.name);
-    Scenario sc;
-    sc.seed = c.seed;
-    sc.model.hidden = c.H;
-    sc.model.experts = c.E;
-    sc.model.ffn = c.F;
-    sc.model.layers = c.L;
-    sc.data.batch = c.B;
-    sc.data.seq_len = c.S;
+    std::vector<int> valid_lengths;
     if (c.padding)
-      for (int b = 0; b < c.B; ++b) sc.data.valid_lengths.push_back(c.S - (b * 3) % c.S);
-    const ProblemData d = generateProblem(sc);
-    ObjectiveDefinition o;
-    o.score = c.score;
-    o.top_k = c.k;
-    o.norm_topk_prob = c.norm;
-    o.aux_scope = c.scope;
-    o.aux_coeff = c.alpha;
-    o.z_coeff = c.beta;
-    o.z_scope = c.z_scope;
-    o.exclude_padding = c.exclude_padding;
-    o.group_weighting = c.weighting;
-    o.main_scope = c.main_scope;
-    o.mesh.dp = c.dp;
-    o.mesh.microbatches = c.M;
+      for (int b = 0; b < c.B; ++b) valid_lengths.push_back(c.S - (b * 3) % c.S);
+    const ProblemData d = generateProblem(test::problemScenario(c.seed, c.B, c.S, c.H, c.E, c.F, c.L, valid_lengths));
+    const ObjectiveDefinition o = test::problemObjective({c.score, c.k, c.norm, c.scope, c.alpha, c.beta, c.z_scope,
+                                                          c.exclude_padding, c.weighting, c.main_scope, c.dp, c.M});
     ReferenceOptions options;
     options.with_main = c.with_main;
     options.directional_checks = c.directions;

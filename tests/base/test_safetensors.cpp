@@ -19,6 +19,7 @@
 #include "data/problem.hpp"
 #include "data/problem_io.hpp"
 #include "data/safetensors.hpp"
+#include "../reference_problem.hpp"
 
 namespace moe {
 namespace {
@@ -342,17 +343,9 @@ TEST_F(SafetensorsMapped, PointsIntoTheMappedFileWithoutCopying) {
 // ================================================================ problem data
 
 Scenario smallScenario() {
-  Scenario sc;
+  Scenario sc = test::problemScenario(11, /*B=*/2, /*S=*/3, /*H=*/4, /*E=*/3, /*F=*/5, /*L=*/2, {3, 2});
   sc.name = "io";
-  sc.seed = 11;
-  sc.model.hidden = 4;
-  sc.model.experts = 3;
-  sc.model.ffn = 5;
-  sc.model.layers = 2;
   sc.model.top_k = 1;
-  sc.data.batch = 2;
-  sc.data.seq_len = 3;
-  sc.data.valid_lengths = {3, 2};
   return sc;
 }
 

@@ -15,22 +15,16 @@
 #include "scenario/catalog.hpp"
 #include "sim/emulated_communicator.hpp"
 #include "sim/emulated_backend.hpp"
+#include "../reference_problem.hpp"
 
 namespace moe {
 namespace {
 
 Scenario smallScenario() {
-  Scenario sc;
+  Scenario sc = test::problemScenario(5, /*B=*/12, /*S=*/8, /*H=*/12, /*E=*/5, /*F=*/6, /*L=*/4,
+                                      {8, 6, 8, 3, 8, 8, 5, 8, 7, 8, 2, 8});
   sc.name = "grid";
-  sc.seed = 5;
-  sc.model.hidden = 12;
-  sc.model.experts = 5;
   sc.model.top_k = 2;
-  sc.model.layers = 4;
-  sc.model.ffn = 6;
-  sc.data.batch = 12;
-  sc.data.seq_len = 8;
-  sc.data.valid_lengths = {8, 6, 8, 3, 8, 8, 5, 8, 7, 8, 2, 8};
   sc.aux.coeff = 0.01;
   sc.aux.z_loss_coeff = 0.001;
   return sc;

@@ -14,6 +14,7 @@
 
 #include "data/problem.hpp"
 #include "reference/reference.hpp"
+#include "../reference_problem.hpp"
 
 namespace moe {
 namespace {
@@ -186,29 +187,11 @@ class ReferenceVsAutograd : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ReferenceVsAutograd, GradientsAndValuesAgree) {
   const Case& c = GetParam();
-  Scenario sc;
-  sc.seed = c.seed;
-  sc.model.hidden = c.hidden;
-  sc.model.experts = c.experts;
-  sc.model.ffn = c.ffn;
-  sc.model.layers = c.layers;
-  sc.data.batch = c.batch;
-  sc.data.seq_len = c.seq_len;
-  sc.data.valid_lengths = c.valid_lengths;
-  const ProblemData d = generateProblem(sc);
-  ObjectiveDefinition o;
-  o.score = c.score;
-  o.top_k = c.top_k;
-  o.norm_topk_prob = c.norm_topk_prob;
-  o.aux_scope = c.aux_scope;
-  o.aux_coeff = c.alpha;
-  o.z_coeff = c.beta;
-  o.z_scope = c.z_scope;
-  o.exclude_padding = c.exclude_padding;
-  o.main_scope = c.main_scope;
-  o.mesh.dp = c.dp;
-  o.mesh.microbatches = c.microbatches;
-  o.group_weighting = c.weighting;
+  const ProblemData d = generateProblem(test::problemScenario(c.seed, c.batch, c.seq_len, c.hidden, c.experts, c.ffn,
+                                                              c.layers, c.valid_lengths));
+  const ObjectiveDefinition o =
+      test::problemObjective({c.score, c.top_k, c.norm_topk_prob, c.aux_scope, c.alpha, c.beta, c.z_scope,
+                              c.exclude_padding, c.weighting, c.main_scope, c.dp, c.microbatches});
 
   ReferenceOptions options;
   options.with_main = true;

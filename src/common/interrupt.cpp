@@ -73,6 +73,10 @@ void exitOnSignal(bool quiet) {
   action.sa_handler = onSignal;
   sigemptyset(&action.sa_mask);
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &action, nullptr);
+  // A write to a socket or pipe whose reader died (a killed peer rank, a closed control channel)
+  // must fail with EPIPE, which the writer reports naming the operation and exits 3 like every
+  // other survivor; the default action would end the process silently with signal 13.
+  ::signal(SIGPIPE, SIG_IGN);
 }
 
 TemporaryPath::TemporaryPath(std::string path) : path_(std::move(path)) {

@@ -3,7 +3,8 @@
 // exits with 128 + the signal (130 for SIGINT, 143 for SIGTERM, as shells report them). A finished
 // output was renamed into place whole; an unfinished one is removed: an interrupted run leaves no
 // partial output. The local launcher (sim/launcher.hpp) takes the signals over while it waits for
-// its ranks, stops them, and then exits the same way.
+// its ranks, stops them, and then exits the same way. SIGPIPE is ignored: a write to a dead peer is
+// an error its caller reports (exit 3 for a rank), not a silent death.
 #pragma once
 
 #include <string>

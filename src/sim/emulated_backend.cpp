@@ -1,5 +1,6 @@
 #include "sim/emulated_backend.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <thread>
@@ -46,7 +47,18 @@ MeshRunResult EmulatedBackend::run(const MeshRequest& request) {
   out.ranks.resize(world);
   std::vector<std::exception_ptr> errors(world);
 
-  auto runOne = [&](int rank) {
+  // Ranks block in collectives, so each needs its own thread. The cores are shared out between the
+  // rank threads that compute at once (the compute slots): one rank, or fewer ranks than cores, gets
+  // several intra-op and BLAS threads each; more ranks than cores get one each, since intra-op
+  // threading would then only oversubscribe the cores. LibTorch's OpenMP thread count is a property
+  // of the calling thread (and 1 by default on Debian's build), so every rank thread sets its own;
+  // OpenBLAS's is global. Restored afterwards.
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int slots = options_.compute_slots > 0 ? std::min(options_.compute_slots, cores) : cores;
+  const int threads_per_rank = std::max(1, cores / std::min(world, slots));
+  const int saved_threads = at::get_num_threads();
+  const int saved_blas_threads = setBlasThreads(threads_per_rank);
+  const auto runOne = [&](int rank) {
     // Holds a compute slot except while blocked in a collective (EmulatedOptions::compute_slots).
     struct SlotHeld {
       EmulatedWorld& w;
@@ -54,6 +66,7 @@ MeshRunResult EmulatedBackend::run(const MeshRequest& request) {
       ~SlotHeld() { w.releaseComputeSlot(); }
     } slot(emulated);
     try {
+      at::set_num_threads(threads_per_rank);
       EmulatedCommunicator comm(emulated, rank);
       out.ranks[rank] = runRank(inputs, comm);
     } catch (const c10::Error& e) {
@@ -69,18 +82,13 @@ MeshRunResult EmulatedBackend::run(const MeshRequest& request) {
   if (world == 1) {
     runOne(0);
   } else {
-    // Ranks block in collectives, so each needs its own thread; intra-op threading would only
-    // oversubscribe the cores, so it is switched off for the duration.
-    const int saved_threads = at::get_num_threads();
-    at::set_num_threads(1);
-    const int saved_blas_threads = setBlasThreads(1);
     std::vector<std::thread> threads;
     threads.reserve(world);
     for (int r = 0; r < world; ++r) threads.emplace_back(runOne, r);
     for (auto& t : threads) t.join();
-    at::set_num_threads(saved_threads);
-    if (saved_blas_threads > 0) setBlasThreads(saved_blas_threads);
   }
+  at::set_num_threads(saved_threads);
+  if (saved_blas_threads > 0) setBlasThreads(saved_blas_threads);
   // Report the first failing rank's own error (not the "aborted" echoes of the others).
   for (int r = 0; r < world; ++r)
     if (errors[r] && !isAbortEcho(errors[r])) {

@@ -1,7 +1,11 @@
 #include "data/problem.hpp"
-#include "data/splitmix64.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <thread>
+#include <vector>
+
+#include "data/splitmix64.hpp"
 
 #include "common/errors.hpp"
 
@@ -9,9 +13,24 @@ namespace moe {
 namespace {
 
 
+// v[i] = stddev * the i-th normal of rng's stream; rng ends where a sequential fill would leave it.
+// Large fills are cut into one piece per core (SplitMix64::skip): the values do not depend on the
+// number of pieces.
 void fillNormal(std::vector<double>& v, std::size_t n, double stddev, SplitMix64& rng) {
   v.resize(n);
-  for (auto& e : v) e = stddev * rng.normal();
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const std::size_t pieces = n < (std::size_t(1) << 20) ? 1 : std::min<std::size_t>(cores, 16);
+  const std::size_t chunk = (n + pieces - 1) / pieces;
+  const auto fill = [&v, n, chunk, stddev](SplitMix64 piece_rng, std::size_t piece) {
+    const std::size_t begin = piece * chunk, end = std::min(n, begin + chunk);
+    piece_rng.skip(2 * begin);  // normal() takes two draws
+    for (std::size_t i = begin; i < end; ++i) v[i] = stddev * piece_rng.normal();
+  };
+  std::vector<std::thread> threads;
+  for (std::size_t p = 1; p < pieces; ++p) threads.emplace_back(fill, rng, p);
+  fill(rng, 0);
+  for (auto& t : threads) t.join();
+  rng.skip(2 * n);
 }
 
 }  // namespace

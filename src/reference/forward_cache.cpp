@@ -114,48 +114,79 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   const int k = k_, F = F_, H = H_;
   c.act.assign(std::size_t(T_) * k * F, 0.0);
   c.sech2.assign(std::size_t(T_) * k * F, 0.0);
-  c.out.assign(std::size_t(T_) * k * H, 0.0);
   std::vector<double>& next = l + 1 < L_ ? layers_[l + 1].hidden : final_hidden_;
   next.assign(h, h + std::size_t(T_) * H);
-  parallelFor(T_, workerCount(), [&](Index begin, Index end, int) {
-    std::vector<double> pre(std::max(F, 1));
-    for (Index t = begin; t < end; ++t) {
-      const double* ht = h + t * H;
-      for (int s = 0; s < k; ++s) {
-        const int e = c.topk[t * k + s];
-        const double* A = &data_.expert_in[l][std::size_t(e) * H * F];
-        const double* Bm = &data_.expert_out[l][std::size_t(e) * F * H];
-        double* act = &c.act[(std::size_t(t) * k + s) * F];
-        double* sech2 = &c.sech2[(std::size_t(t) * k + s) * F];
-        double* out = &c.out[(std::size_t(t) * k + s) * H];
-        std::fill(pre.begin(), pre.end(), 0.0);
-        for (int i = 0; i < H; ++i) {
-          const double hi = ht[i];
-          const double* row = A + std::size_t(i) * F;
-          for (int f = 0; f < F; ++f) pre[f] += hi * row[f];
+  // Grouped by expert: each expert's routed rows as one [n_e, H] block, two dgemms (pre-activation
+  // x = h A_e, output tanh(x) B_e) instead of a matrix-vector product per (token, slot). The
+  // [T, k, H] outputs are not kept (at DeepSeek-V3 size they would be 1.9 GB per layer): they are
+  // added into h_{l+1} here and recomputed per token from act where needed (expertOutputRow).
+  // Experts are computed `workers` at a time and added in expert order, so h_{l+1} does not depend on
+  // the thread count.
+  std::vector<std::vector<Index>> pairs_of(E_);  // t k + s of every slot routed to expert e
+  for (Index t = 0; t < T_; ++t)
+    for (int s = 0; s < k; ++s) pairs_of[c.topk[t * k + s]].push_back(t * k + s);
+  const int workers = workerCount();
+  std::vector<std::vector<double>> outputs(workers);
+  for (int first = 0; first < E_; first += workers) {
+    const int batch = std::min(workers, E_ - first);
+    parallelFor(batch, workers, [&](Index b_begin, Index b_end, int) {
+      std::vector<double> rows, pre;
+      for (Index b = b_begin; b < b_end; ++b) {
+        const int e = first + static_cast<int>(b);
+        const std::vector<Index>& pairs = pairs_of[e];
+        const int n = static_cast<int>(pairs.size());
+        if (n == 0) continue;
+        rows.resize(std::size_t(n) * H);
+        for (int i = 0; i < n; ++i) {
+          const double* ht = h + (pairs[i] / k) * H;
+          std::copy(ht, ht + H, rows.begin() + std::size_t(i) * H);
         }
-        for (int f = 0; f < F; ++f) {
-          act[f] = std::tanh(pre[f]);
-          const double ch = std::cosh(pre[f]);
-          sech2[f] = 1.0 / (ch * ch);
-        }
-        for (int f = 0; f < F; ++f) {
-          const double a = act[f];
-          const double* row = Bm + std::size_t(f) * H;
-          for (int i = 0; i < H; ++i) out[i] += a * row[i];
-        }
-        const double g = c.gate[t * k + s];
-        double* nt = &next[std::size_t(t) * H];
-        for (int i = 0; i < H; ++i) nt[i] += g * out[i];
+        pre.resize(std::size_t(n) * F);
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, H, 1.0, rows.data(), H,
+                    &data_.expert_in[l][std::size_t(e) * H * F], F, 0.0, pre.data(), F);
+        for (int i = 0; i < n; ++i)
+          for (int f = 0; f < F; ++f) {
+            double& x = pre[std::size_t(i) * F + f];
+            const double ch = std::cosh(x);
+            c.sech2[std::size_t(pairs[i]) * F + f] = 1.0 / (ch * ch);
+            x = std::tanh(x);
+            c.act[std::size_t(pairs[i]) * F + f] = x;
+          }
+        std::vector<double>& out = outputs[b];
+        out.resize(std::size_t(n) * H);
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, F, 1.0, pre.data(), F,
+                    &data_.expert_out[l][std::size_t(e) * F * H], H, 0.0, out.data(), H);
+      }
+    });
+    // h_{l+1}[t] += g_s out[t, s] for the batch's experts, in expert order.
+    for (int b = 0; b < batch; ++b) {
+      const std::vector<Index>& pairs = pairs_of[first + b];
+      for (std::size_t i = 0; i < pairs.size(); ++i) {
+        const double g = c.gate[pairs[i]];
+        const double* row = &outputs[b][i * H];
+        double* nt = &next[std::size_t(pairs[i] / k) * H];
+        for (int j = 0; j < H; ++j) nt[j] += g * row[j];
       }
     }
-  });
+  }
 }
 
-void ForwardCache::stepLayer(int l, Index t, const double* given_expm1, bool dh_zero, bool later, Delta& delta,
-                             bool check_routing, Scratch& scratch) const {
+void ForwardCache::expertOutputRow(int l, Index t, int s, double* row) const {
   const LayerCache& c = layers_[l];
-  const double* dh = scratch.dh.data();
+  const int e = c.topk[t * k_ + s];
+  const double* act = &c.act[(std::size_t(t) * k_ + s) * F_];
+  const double* Bm = &data_.expert_out[l][std::size_t(e) * F_ * H_];
+  std::fill(row, row + H_, 0.0);
+  for (int f = 0; f < F_; ++f) {
+    const double a = act[f];
+    const double* b = Bm + std::size_t(f) * H_;
+    for (int i = 0; i < H_; ++i) row[i] += a * b[i];
+  }
+}
+
+double ForwardCache::stepLogits(int l, Index t, const double* given_expm1, Delta& delta, bool check_routing,
+                               bool gates, Scratch& scratch) const {
+  const LayerCache& c = layers_[l];
   const double* dz = scratch.dz.data();
   double* em = scratch.em.data();
   double* ds = scratch.ds.data();
@@ -195,12 +226,23 @@ void ForwardCache::stepLayer(int l, Index t, const double* given_expm1, bool dh_
   }
   const int* topk = &c.topk[t * k_];
   if (check_routing && routingChanges(z, dz, topk, k_, E_, scratch)) delta.routing_changed = true;
-  if (!later) return;
-  // Gate changes of the frozen routing.
-  double* dnum = scratch.dnum.data();
-  for (int s = 0; s < k_; ++s) dnum[s] = softmax ? em[topk[s]] : ds[topk[s]];
-  double* dg = scratch.dg.data();
-  gateChange(tokenRow(c, shape_, groups_, t), k_, softmax, shape_.norm_topk_prob, dnum, dS, dg);
+  if (gates) {
+    // Gate changes of the frozen routing.
+    double* dnum = scratch.dnum.data();
+    for (int s = 0; s < k_; ++s) dnum[s] = softmax ? em[topk[s]] : ds[topk[s]];
+    gateChange(tokenRow(c, shape_, groups_, t), k_, softmax, shape_.norm_topk_prob, dnum, dS, scratch.dg.data());
+  }
+  return dS;
+}
+
+void ForwardCache::stepLayer(int l, Index t, const double* given_expm1, bool dh_zero, bool later, Delta& delta,
+                             bool check_routing, Scratch& scratch, bool form_next) const {
+  stepLogits(l, t, given_expm1, delta, check_routing, /*gates=*/later, scratch);
+  if (!later || !form_next) return;
+  const LayerCache& c = layers_[l];
+  const double* dh = scratch.dh.data();
+  const int* topk = &c.topk[t * k_];
+  const double* dg = scratch.dg.data();
   // dh_{l+1} = dh + sum_s [(g + dg) (o + do) - g o] = dh + sum_s [dg o + (g + dg) do], with
   // do = (tanh(x + dx) - tanh(x)) B with x = h A_e, dx = dh A_e, and
   // tanh(x + dx) - tanh(x) = tanh(dx) sech^2(x) / (1 + tanh(x) tanh(dx)) (addition theorem).
@@ -208,8 +250,9 @@ void ForwardCache::stepLayer(int l, Index t, const double* given_expm1, bool dh_
   double* next = scratch.dh_next.data();
   if (dh_zero) std::fill(next, next + H_, 0.0);
   else std::copy(dh, dh + H_, next);
+  double* out = scratch.out_row.data();
   for (int s = 0; s < k_; ++s) {
-    const double* out = &c.out[(std::size_t(t) * k_ + s) * H_];
+    expertOutputRow(l, t, s, out);
     for (int i = 0; i < H_; ++i) next[i] += dg[s] * out[i];
     if (dh_zero) continue;
     const int e = topk[s];
@@ -239,7 +282,8 @@ void ForwardCache::stepLayer(int l, Index t, const double* given_expm1, bool dh_
   }
 }
 
-Delta ForwardCache::propagateHiddenChange(int l0, Index t, bool include_main, Scratch& scratch) const {
+Delta ForwardCache::propagateHiddenChange(int l0, Index t, bool include_main, Scratch& scratch,
+                                          bool dz_given) const {
   Delta delta;
   const bool aux_token = auxToken(t);
   for (int l = l0; l < L_; ++l) {
@@ -247,14 +291,16 @@ Delta ForwardCache::propagateHiddenChange(int l0, Index t, bool include_main, Sc
     if (!aux_token && !later) break;
     // dz = dh W_l.
     double* dz = scratch.dz.data();
-    std::fill(dz, dz + E_, 0.0);
-    const double* W = data_.router_weight[l].data();
-    const double* dh = scratch.dh.data();
-    for (int i = 0; i < H_; ++i) {
-      const double dhi = dh[i];
-      if (dhi == 0.0) continue;
-      const double* row = W + std::size_t(i) * E_;
-      for (int e = 0; e < E_; ++e) dz[e] += dhi * row[e];
+    if (!(dz_given && l == l0)) {
+      std::fill(dz, dz + E_, 0.0);
+      const double* W = data_.router_weight[l].data();
+      const double* dh = scratch.dh.data();
+      for (int i = 0; i < H_; ++i) {
+        const double dhi = dh[i];
+        if (dhi == 0.0) continue;
+        const double* row = W + std::size_t(i) * E_;
+        for (int e = 0; e < E_; ++e) dz[e] += dhi * row[e];
+      }
     }
     stepLayer(l, t, nullptr, /*dh_zero=*/false, later, delta, /*check_routing=*/true, scratch);
     if (!later) break;
@@ -282,7 +328,19 @@ double ForwardCache::propagateDirection(Index t, const std::vector<RankOneDirect
       double* dz = scratch.dz.data();
       std::fill(dz, dz + E_, 0.0);
       const double* dh = scratch.dh.data();
-      if (!dh_zero) {
+      const RankOneDirection& v = direction[l];
+      double hu = v.hidden_dot_u[t];
+      if (l == 1 && !next_logits_of_out_.empty() && !v.prev_out_dot_u.empty()) {
+        // Layer 0 moved h_1 by sum_s dg_s out_0[t, s] (stepLayer with dh_zero), so
+        // dh W_1 = sum_s dg_s (out_0[t, s] W_1) and dh . u = sum_s dg_s (out_0[t, s] . u).
+        const double* P = &next_logits_of_out_[0][std::size_t(t) * k_ * E_];
+        const double* dg = scratch.dg.data();
+        for (int s = 0; s < k_; ++s) {
+          const double* row = P + std::size_t(s) * E_;
+          for (int e = 0; e < E_; ++e) dz[e] += dg[s] * row[e];
+          hu += dg[s] * v.prev_out_dot_u[std::size_t(t) * k_ + s];
+        }
+      } else if (!dh_zero) {
         const double* W = data_.router_weight[l].data();
         for (int i = 0; i < H_; ++i) {
           const double dhi = dh[i];
@@ -290,18 +348,176 @@ double ForwardCache::propagateDirection(Index t, const std::vector<RankOneDirect
           const double* row = W + std::size_t(i) * E_;
           for (int e = 0; e < E_; ++e) dz[e] += dhi * row[e];
         }
+        hu += dot(dh, v.u.data(), H_);
       }
-      const RankOneDirection& v = direction[l];
-      const double hu = v.hidden_dot_u[t] + (dh_zero ? 0.0 : dot(dh, v.u.data(), H_));
       const double scale = eps * v.scale * hu;
       for (int e = 0; e < E_; ++e) dz[e] += scale * v.v[e];
     }
-    stepLayer(l, t, given, dh_zero, later, delta, /*check_routing=*/false, scratch);
+    // With two layers and layer 1 taken from the products, h_1's change itself is never needed.
+    const bool form_next = !(l == 0 && L_ == 2 && !next_logits_of_out_.empty() && !direction[1].prev_out_dot_u.empty());
+    stepLayer(l, t, given, dh_zero, later, delta, /*check_routing=*/false, scratch, form_next);
     if (!later) break;
     std::swap(scratch.dh, scratch.dh_next);
     dh_zero = false;
   }
   return delta.aux;
+}
+
+void ForwardCache::prepareSuffixProducts() {
+  // out_l[t, s] W_{l+1} = act[t, s] (B_e W_{l+1}): one [F, E] product per expert (dgemm), then F
+  // multiply-adds per logit instead of H.
+  next_logits_of_out_.assign(std::max(L_ - 1, 0), {});
+  for (int l = 0; l + 1 < L_; ++l) {
+    const LayerCache& c = layers_[l];
+    if (!c.has_experts) continue;
+    std::vector<double> BW(std::size_t(E_) * F_ * E_);
+    parallelFor(E_, workerCount(), [&](Index begin, Index end, int) {
+      for (Index e = begin; e < end; ++e)
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, F_, E_, H_, 1.0,
+                    &data_.expert_out[l][std::size_t(e) * F_ * H_], H_, data_.router_weight[l + 1].data(), E_, 0.0,
+                    &BW[std::size_t(e) * F_ * E_], E_);
+    });
+    std::vector<double>& P = next_logits_of_out_[l];
+    P.assign(std::size_t(T_) * k_ * E_, 0.0);
+    parallelFor(T_, workerCount(), [&](Index begin, Index end, int) {
+      for (Index t = begin; t < end; ++t)
+        for (int s = 0; s < k_; ++s) {
+          const std::size_t at = std::size_t(t) * k_ + s;
+          const double* act = &c.act[at * F_];
+          const double* bw = &BW[std::size_t(c.topk[at]) * F_ * E_];
+          double* p = &P[at * E_];
+          for (int f = 0; f < F_; ++f)
+            for (int e = 0; e < E_; ++e) p[e] += act[f] * bw[std::size_t(f) * E_ + e];
+        }
+    });
+  }
+}
+
+std::vector<double> ForwardCache::firstOutputsDot(const double* u) const {
+  // out_0[t, s] . u = act[t, s] . (B_e u).
+  std::vector<double> out(std::size_t(T_) * k_, 0.0);
+  if (L_ < 2 || !layers_[0].has_experts) return out;
+  const LayerCache& c = layers_[0];
+  std::vector<double> Bu(std::size_t(E_) * F_);
+  cblas_dgemv(CblasRowMajor, CblasNoTrans, E_ * F_, H_, 1.0, data_.expert_out[0].data(), H_, u, 1, 0.0, Bu.data(), 1);
+  for (Index t = 0; t < T_; ++t)
+    for (int s = 0; s < k_; ++s) {
+      const std::size_t at = std::size_t(t) * k_ + s;
+      out[at] = dot(&c.act[at * F_], &Bu[std::size_t(c.topk[at]) * F_], F_);
+    }
+  return out;
+}
+
+bool ForwardCache::suffixBasisPaysOff() const {
+  // Per token: the basis costs m^2 H / 2 (dsyrk) + k^2 H F (the Q products) in BLAS; the general
+  // path costs 6 k evaluations x k experts x 2 H F multiply-adds in scalar loops that stream the
+  // experts' weights. The factor 4 is the measured speed of the former over the latter
+  // (bench/RESULTS.md, issue 11).
+  const double m = 2.0 * k_ + double(k_) * F_;
+  const double basis = m * m / 2.0 + double(k_) * k_ * F_;
+  const double general = 12.0 * k_ * k_ * F_;
+  return with_main_ && L_ >= 2 && layers_[L_ - 1].has_experts && basis <= 4.0 * general;
+}
+
+void ForwardCache::buildSuffixBasis(int l, Index t, TokenSuffixBasis& b) const {
+  const int k = k_, F = F_, H = H_;
+  const int m = 2 * k + k * F;
+  b.m = m;
+  b.V.resize(std::size_t(m) * H);
+  b.G.resize(std::size_t(m) * m);
+  b.Vr.resize(m);
+  b.Q.resize(std::size_t(k) * k * std::max(F, 1));
+  const LayerCache& last = layers_[l + 1];
+  const double* out_below = b.V.data();  // rows [0, k)
+  for (int s = 0; s < k; ++s) {
+    expertOutputRow(l, t, s, &b.V[std::size_t(s) * H]);
+    expertOutputRow(l + 1, t, s, &b.V[std::size_t(k + s) * H]);
+  }
+  for (int s = 0; s < k; ++s) {
+    const int e = last.topk[t * k + s];
+    const double* Bm = &data_.expert_out[l + 1][std::size_t(e) * F * H];
+    std::copy(Bm, Bm + std::size_t(F) * H, b.V.begin() + (std::size_t(2 * k) + std::size_t(s) * F) * H);
+    // Q[s0][s][f] = out_l[t, s0] . A_e[:, f] for the last layer's slot s (expert e).
+    if (F > 0)
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k, F, H, 1.0, out_below, H,
+                  &data_.expert_in[l + 1][std::size_t(e) * H * F], F, 0.0, &b.Q[std::size_t(s) * F], k * F);
+  }
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, m, H, 1.0, b.V.data(), H, 0.0, b.G.data(), m);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < i; ++j) b.G[std::size_t(i) * m + j] = b.G[std::size_t(j) * m + i];
+  cblas_dgemv(CblasRowMajor, CblasNoTrans, m, H, 1.0, b.V.data(), H, &residual_[std::size_t(t) * H], 1, 0.0,
+              b.Vr.data(), 1);
+}
+
+const double* ForwardCache::gateOutput(int l, Index t, int s, Scratch& scratch) const {
+  // The six evaluations of one (t, s) (three steps, two signs) come in a row: compute its row once.
+  if (scratch.gate_row_layer != l || scratch.gate_row_token != t || scratch.gate_row_slot != s) {
+    expertOutputRow(l, t, s, scratch.gate_row.data());
+    scratch.gate_row_layer = l;
+    scratch.gate_row_token = t;
+    scratch.gate_row_slot = s;
+  }
+  return scratch.gate_row.data();
+}
+
+Delta ForwardCache::gateSuffixChange(int l, Index t, int s, double delta, bool include_main,
+                                     const TokenSuffixBasis* basis, Scratch& scratch) const {
+  if (l + 1 >= L_) {
+    // The last layer's gate: only the main loss follows.
+    const double* out = gateOutput(l, t, s, scratch);
+    for (int i = 0; i < H_; ++i) scratch.dh[i] = delta * out[i];
+    return propagateHiddenChange(l + 1, t, include_main, scratch);
+  }
+  // Layer l+1's logits move by delta (out_l[t, s] W_{l+1}).
+  double* dz = scratch.dz.data();
+  if (!next_logits_of_out_.empty()) {
+    const double* P = &next_logits_of_out_[l][(std::size_t(t) * k_ + s) * E_];
+    for (int e = 0; e < E_; ++e) dz[e] = delta * P[e];
+  }
+  const bool dz_given = !next_logits_of_out_.empty();
+  if (basis == nullptr || !include_main || l + 2 != L_) {
+    const double* out = gateOutput(l, t, s, scratch);
+    for (int i = 0; i < H_; ++i) scratch.dh[i] = delta * out[i];
+    return propagateHiddenChange(l + 1, t, include_main, scratch, dz_given);
+  }
+  // l+1 is the last layer and the main loss follows: stepLayer's expert half and the main loss on
+  // the basis. dh_L = delta out_s + sum_s' [dg_s' o_s' + (g_s' + dg_s') du_s' B_e'], du from the
+  // addition theorem as in stepLayer, with the expert input change dx = delta Q[s][s'].
+  Delta result;
+  const int l1 = l + 1, k = k_, F = F_, m = basis->m;
+  stepLogits(l1, t, nullptr, result, /*check_routing=*/true, /*gates=*/true, scratch);
+  const LayerCache& last = layers_[l1];
+  const double* gate = &last.gate[t * k];
+  const double* dg = scratch.dg.data();
+  // Coefficients a of dh_L on the rows of V.
+  double* a = scratch.basis_coeff.data();
+  std::fill(a, a + m, 0.0);
+  a[s] = delta;
+  for (int s1 = 0; s1 < k; ++s1) {
+    a[k + s1] = dg[s1];
+    const double* act = &last.act[(std::size_t(t) * k + s1) * F];
+    const double* sech2 = &last.sech2[(std::size_t(t) * k + s1) * F];
+    const double* q = &basis->Q[(std::size_t(s) * k + s1) * F];
+    const double weight = gate[s1] + dg[s1];
+    for (int f = 0; f < F; ++f) {
+      const double tanh_dx = std::tanh(delta * q[f]);
+      a[2 * k + s1 * F + f] = weight * (tanh_dx * sech2[f] / (1.0 + act[f] * tanh_dx));
+    }
+  }
+  if (groups_.main_weight[t] != 0.0) {
+    // 0.5||r + dh||^2 - 0.5||r||^2 = dh.r + 0.5||dh||^2 = a.(V r) + 0.5 a^T G a.
+    double linear = 0.0, quadratic = 0.0;
+    for (int i = 0; i < m; ++i) {
+      if (a[i] == 0.0) continue;
+      linear += a[i] * basis->Vr[i];
+      const double* row = &basis->G[std::size_t(i) * m];
+      double acc = 0.0;
+      for (int j = 0; j < m; ++j) acc += row[j] * a[j];
+      quadratic += a[i] * acc;
+    }
+    result.main = groups_.main_weight[t] * (linear + 0.5 * quadratic);
+  }
+  return result;
 }
 
 }  // namespace moe::reference

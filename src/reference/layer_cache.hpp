@@ -38,7 +38,7 @@ struct LayerCache {
   bool has_experts = false;
   std::vector<double> act;        // [T, k, F] tanh(h A_e) of the routed experts
   std::vector<double> sech2;      // [T, k, F] 1 - tanh^2(h A_e) = 1 / cosh^2(h A_e)
-  std::vector<double> out;        // [T, k, H] Expert_e(h) = tanh(h A_e) B_e
+  // Expert_e(h) = tanh(h A_e) B_e is not kept ([T, k, H]); ForwardCache::expertOutputRow recomputes a row.
   double aux_value = 0.0, z_value = 0.0;
 };
 
@@ -141,10 +141,15 @@ struct Scratch {
   // Suffix sensitivities of the current token to its k gate weights.
   std::vector<double> psi_aux, psi_main, psi_aux_err, psi_main_err, dg_up, dg_down;
   std::vector<char> psi_flipped;
+  std::vector<double> basis_coeff;  // [2k + kF] coefficients on a TokenSuffixBasis (forward_cache.hpp)
+  std::vector<double> out_row;      // [H] an expert output row being recomputed
+  std::vector<double> gate_row;     // [H] the expert output of the gate being differenced, and which:
+  int gate_row_layer = -1, gate_row_slot = -1;
+  Index gate_row_token = -1;
   Scratch(int H, int E, int k, int F)
       : dh(H), dh_next(H), dz(E), em(E), ds(E), dg(k), dnum(k), dpre(std::max(F, 1)), du(std::max(F, 1)),
         marked(E, 0), psi_aux(k), psi_main(k), psi_aux_err(k), psi_main_err(k), dg_up(k), dg_down(k),
-        psi_flipped(k) {}
+        psi_flipped(k), basis_coeff(2 * k + k * std::max(F, 0)), out_row(H), gate_row(H) {}
 };
 
 }  // namespace moe::reference

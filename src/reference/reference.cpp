@@ -20,27 +20,32 @@ using reference::Scratch;
 // The suffix of a layer below the last (or any layer, with the main loss): sensitivities of a token's
 // later aux/z terms and main loss to its k gate weights, by central differences of the suffix
 // recomputed for that one token with g_s moved by +-step/2^level (Richardson as for the logits).
+// The recompute is exact (no linearization); what is precomputed (forward_cache.hpp) only regroups
+// the same products: layer l+1's logit change delta (out_s W_{l+1}), and for the layer below the
+// last with the main loss, the last layer's expert inputs and the main loss on a per-token basis.
 class ForwardSuffix : public reference::SuffixSensitivity {
  public:
-  ForwardSuffix(const ForwardCache& cache, int layer) : cache_(cache), l_(layer) {}
+  ForwardSuffix(const ForwardCache& cache, int layer, bool use_basis)
+      : cache_(cache), l_(layer), use_basis_(use_basis && cache.withMain() && layer + 2 == cache.layers()) {}
   bool withMain() const override { return cache_.withMain(); }
   bool needed(Index t) const override {
     const bool main_token = cache_.withMain() && cache_.groups().main_weight[t] != 0.0;
     return (l_ < cache_.layers() - 1 && cache_.auxToken(t)) || main_token;
   }
   void compute(Index t, double step, Scratch& scratch) const override {
-    const reference::LayerCache& c = cache_.layer(l_);
-    const int k = cache_.shape().top_k, H = cache_.hiddenSize();
+    const int k = cache_.shape().top_k;
+    // The last layer and the main loss on a per-token basis (forward_cache.hpp) where it pays off.
+    thread_local reference::TokenSuffixBasis basis;
+    const bool with_basis = use_basis_ && cache_.groups().main_weight[t] != 0.0;
+    if (with_basis) cache_.buildSuffixBasis(l_, t, basis);
     for (int s = 0; s < k; ++s) {
-      const double* out = &c.out[(std::size_t(t) * k + s) * H];
       double D_aux[3], D_main[3];
       bool flipped = false;
       for (int lev = 0; lev < 3; ++lev) {
         const double d = step / double(1 << lev);
-        for (int i = 0; i < H; ++i) scratch.dh[i] = d * out[i];
-        const reference::Delta up = cache_.propagateHiddenChange(l_ + 1, t, cache_.withMain(), scratch);
-        for (int i = 0; i < H; ++i) scratch.dh[i] = -d * out[i];
-        const reference::Delta down = cache_.propagateHiddenChange(l_ + 1, t, cache_.withMain(), scratch);
+        const reference::TokenSuffixBasis* b = with_basis ? &basis : nullptr;
+        const reference::Delta up = cache_.gateSuffixChange(l_, t, s, d, cache_.withMain(), b, scratch);
+        const reference::Delta down = cache_.gateSuffixChange(l_, t, s, -d, cache_.withMain(), b, scratch);
         flipped = flipped || up.routing_changed || down.routing_changed;
         D_aux[lev] = (up.aux - down.aux) / (2.0 * d);
         D_main[lev] = (up.main - down.main) / (2.0 * d);
@@ -57,6 +62,7 @@ class ForwardSuffix : public reference::SuffixSensitivity {
  private:
   const ForwardCache& cache_;
   int l_;
+  bool use_basis_;
 };
 
 }  // namespace
@@ -81,12 +87,20 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
   // The last layer's experts only matter for the main loss.
   ForwardCache model(data, objective, options.with_main, options.with_main);
   model.forward();
+  model.prepareSuffixProducts();
+  const auto secondsSince = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
+  ReferenceResult result;
+  result.phases.forward_s = secondsSince(start);
+  const auto t_gradients = std::chrono::steady_clock::now();
   const Index T = data.tokens();
   const int H = data.hidden, E = data.experts, L = data.layers;
   auto directions =
       reference::randomDirections(options.directional_checks, L, H, E, T, options.direction_seed);
+  if (L >= 2)
+    for (auto& dir : directions) dir[1].prev_out_dot_u = model.firstOutputsDot(dir[1].u.data());
 
-  ReferenceResult result;
   result.layers.resize(L);
   result.empty_groups = model.groups().empty_groups;
   for (int l = 0; l < L; ++l) {
@@ -103,7 +117,9 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
       dots.push_back(dir[l].hidden_dot_u.data());
     }
     const double max_column_norm = reference::hiddenPass(h, T, H, us, dots);
-    const ForwardSuffix suffix(model, l);
+    const bool basis = options.suffix_basis == SuffixBasis::kAlways ||
+                       (options.suffix_basis == SuffixBasis::kAuto && model.suffixBasisPaysOff());
+    const ForwardSuffix suffix(model, l, basis);
     const reference::LayerView view{model.layer(l), model.shape(), model.groups(), model.hasAuxTerms(), H,
                                     data.ffn};
     const reference::LogitGradients g = reference::logitGradients(view, &suffix, options);
@@ -119,11 +135,14 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
     result.fd_error_estimate = std::max(result.fd_error_estimate, out.aux_fd_error);
   }
   if (options.with_main) result.main_value = model.mainValue();
+  result.phases.gradients_s = secondsSince(t_gradients);
 
+  const auto t_directional = std::chrono::steady_clock::now();
   for (const auto& dir : directions) {
     reference::DirectionalResult d = reference::directionalDerivative(model, dir);
     result.directional.push_back({std::move(d.direction), d.derivative, d.fd_error});
   }
+  result.phases.directional_s = secondsSince(t_directional);
 
   result.method =
       "central finite differences per router logit of each token's own contribution, evaluated as "

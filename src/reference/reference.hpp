@@ -13,12 +13,18 @@
 
 namespace moe {
 
+// How the layer below the last carries a gate change through the last layer into the main loss
+// (forward_cache.hpp, TokenSuffixBasis): on a per-token basis (BLAS, no H-length work per
+// evaluation) or by the general per-evaluation propagation. Both are exact; kAuto picks the cheaper.
+enum class SuffixBasis { kAuto, kAlways, kNever };
+
 struct ReferenceOptions {
   double step = 1e-3;            // largest FD step, in logit units; shrunk per element below its margin
   double min_step = 1e-7;        // below this the element's routing is frozen (and counted)
   bool with_main = true;         // also differentiate the main loss (for the MAIN_GRAD control)
   int directional_checks = 2;    // random unit directions over all router weights (0 = none)
   std::uint64_t direction_seed = 0x5eed;
+  SuffixBasis suffix_basis = SuffixBasis::kAuto;
 };
 
 struct ReferenceLayer {
@@ -50,6 +56,11 @@ struct ReferenceResult {
   std::string method;               // human-readable description of how the numbers were produced
   std::vector<DirectionalDerivative> directional;
   double seconds = 0.0;
+  // Where `seconds` went: the cached forward pass, the per-layer logit gradients + chain rule (aux and,
+  // with_main, main together: they share one suffix recompute per token), the directional checks.
+  struct Phases {
+    double forward_s = 0.0, gradients_s = 0.0, directional_s = 0.0;
+  } phases;
 };
 
 // Every layer's d(J_aux + J_z)/dW_l (and dJ_main/dW_l) over the whole global batch:

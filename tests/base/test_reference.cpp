@@ -458,5 +458,45 @@ TEST(ReferenceObjective, IntendedObjectiveTakesMainScopeFromPreset) {
   EXPECT_EQ(intendedObjective(sc).group_weighting, GroupWeighting::kUniform);
 }
 
+
+// The per-token basis of the layer below the last (TokenSuffixBasis: the last layer's expert inputs
+// and the main loss regrouped on 2k + kF rows) and the general per-evaluation propagation are the
+// same arithmetic regrouped: every gradient agrees to 1e-12 relative to its largest element, over
+// softmax/sigmoid, normalized gates, z-loss and padding, at 2 layers (where the basis applies) and at
+// 3 (where it applies to the second layer only).
+TEST(ReferenceSuffixBasis, AgreesWithTheGeneralPropagation) {
+  struct Case {
+    ScoreFunction score;
+    bool norm;
+    int layers, top_k, ffn;
+    double z;
+  };
+  const Case cases[] = {{ScoreFunction::kSoftmax, false, 2, 2, 4, 0.0}, {ScoreFunction::kSoftmax, true, 2, 3, 5, 0.01},
+                        {ScoreFunction::kSigmoid, true, 2, 2, 3, 0.0},  {ScoreFunction::kSigmoid, false, 3, 2, 4, 0.01},
+                        {ScoreFunction::kSoftmax, true, 3, 3, 2, 0.0}};
+  for (const Case& c : cases) {
+    const ProblemData d = randomProblem(41 + c.layers + c.top_k, 3, 6, 7, 6, c.ffn, c.layers, {6, 4, 5});
+    ObjectiveDefinition o = auxOnly(c.score, c.top_k, AuxScope::kMicroBatch, 0.05);
+    o.z_coeff = c.z;
+    o.norm_topk_prob = c.norm;
+    o.main_scope = MainLossScope::kTokenMean;
+    ReferenceOptions basis, general;
+    basis.suffix_basis = SuffixBasis::kAlways;
+    general.suffix_basis = SuffixBasis::kNever;
+    const ReferenceResult rb = computeReference(d, o, basis), rg = computeReference(d, o, general);
+    const std::string what = std::string(c.score == ScoreFunction::kSoftmax ? "softmax" : "sigmoid") + " L=" +
+                             std::to_string(c.layers) + " k=" + std::to_string(c.top_k);
+    for (int l = 0; l < d.layers; ++l) {
+      EXPECT_LT(relDiff(rb.layers[l].aux_grad, rg.layers[l].aux_grad), 1e-12) << what << " layer " << l;
+      EXPECT_LT(relDiff(rb.layers[l].main_grad, rg.layers[l].main_grad), 1e-12) << what << " layer " << l;
+    }
+    EXPECT_EQ(rb.frozen_elements, rg.frozen_elements) << what;
+    ASSERT_EQ(rb.directional.size(), rg.directional.size());
+    for (std::size_t i = 0; i < rb.directional.size(); ++i)
+      EXPECT_NEAR(rb.directional[i].derivative, rg.directional[i].derivative,
+                  1e-12 * std::abs(rg.directional[i].derivative)) << what;
+  }
+}
+
 }  // namespace
 }  // namespace moe

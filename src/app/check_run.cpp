@@ -78,6 +78,7 @@ CheckRunOutput runChecks(const Scenario& input, MeshBackend& backend, const Chec
   ReportSummary& summary = out.report.summary;
 
   out.data = loadProblem(sc);
+  out.phases.load_s = secondsSince(t_start);
   const ProblemData& data = out.data;
   const double rtol = sc.tolerance.rtol > 0 ? sc.tolerance.rtol : defaultRtol(sc.model.dtype);
   const MeshQuantities quantities = quantitiesOf(sc, data);
@@ -98,24 +99,32 @@ CheckRunOutput runChecks(const Scenario& input, MeshBackend& backend, const Chec
   reference.z_value = ref.z_value;
   reference.main_value = ref.main_value;
   reference.seconds = ref.seconds;
+  out.phases.reference = ref.phases;
 
   // --- the mesh: aux-only runs (main loss multiplied by 0, as Megatron's test does) at alpha and
   // 2 alpha, and a main-only control run.
   const double alpha = sc.aux.coeff, beta = sc.aux.z_loss_coeff;
   const bool has_aux = alpha != 0.0 || beta != 0.0;
   const auto t_mesh = std::chrono::steady_clock::now();
-  const MeshRunResult aux_run = backend.run(requestFor(sc, data, {0.0, alpha, beta, false}));
+  const auto timedRun = [&](const char* label, const MeshRequest& request) {
+    const auto t_run = std::chrono::steady_clock::now();
+    MeshRunResult result = backend.run(request);
+    out.phases.mesh_runs.emplace_back(label, secondsSince(t_run));
+    return result;
+  };
+  const MeshRunResult aux_run = timedRun("aux", requestFor(sc, data, {0.0, alpha, beta, false}));
   std::optional<MeshRunResult> double_run;
-  if (has_aux) double_run = backend.run(requestFor(sc, data, {0.0, 2 * alpha, 2 * beta, false}));
-  const MeshRunResult main_run = backend.run(requestFor(sc, data, {1.0, 0.0, 0.0, false}));
+  if (has_aux) double_run = timedRun("aux x2", requestFor(sc, data, {0.0, 2 * alpha, 2 * beta, false}));
+  const MeshRunResult main_run = timedRun("main", requestFor(sc, data, {1.0, 0.0, 0.0, false}));
   if (options.capture) {
     MeshRequest request = requestFor(sc, data, {0.0, alpha, beta, /*detach_router_inputs=*/true});
     request.record_router_inputs = true;
-    out.capture_run = backend.run(request);
+    out.capture_run = timedRun("capture", request);
   }
   summary.timing.mesh_s = secondsSince(t_mesh);
 
   // --- the checks.
+  const auto t_checks = std::chrono::steady_clock::now();
   std::vector<CheckResult>& checks = out.report.checks;
   const std::string fd_method = "reference: " + ref.method;
   const std::vector<std::vector<double>> aux_grads = aux_run.layerGradients(data.layers);
@@ -177,6 +186,7 @@ CheckRunOutput runChecks(const Scenario& input, MeshBackend& backend, const Chec
   }
   if (auto finding = findRoutingMargins(ref.frozen_elements)) checks.push_back(*finding);
 
+  out.phases.checks_s = secondsSince(t_checks);
   summary.reference = reference;
   summary.timing.reference_s = ref.seconds;
   summary.verdict = verdictOf(checks);

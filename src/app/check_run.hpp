@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "data/problem.hpp"
+#include "reference/reference.hpp"
 #include "report/report.hpp"
 #include "scenario/scenario.hpp"
 #include "sim/mesh_backend.hpp"
@@ -27,6 +28,14 @@ struct CheckRunOutput {
   std::vector<std::vector<double>> reference_aux_grad;  // per layer [H*E]
   std::vector<std::vector<double>> mesh_aux_grad;
   std::optional<MeshRunResult> capture_run;  // CheckRunOptions::capture
+  // Where the run's time went (bench/bench_run): the reference's phases, each mesh run by name
+  // ("aux", "aux x2", "main", "capture"), and the checks that follow them.
+  struct Phases {
+    double load_s = 0.0;
+    ReferenceResult::Phases reference;
+    std::vector<std::pair<std::string, double>> mesh_runs;
+    double checks_s = 0.0;
+  } phases;
 };
 
 // Runs every check of a run on a validated scenario with the given backend. Throws RuntimeFailure

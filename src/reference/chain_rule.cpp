@@ -13,6 +13,7 @@ namespace moe::reference {
 std::vector<double> chainRule(const double* hidden, const std::vector<double>& grad_logits, Index T, int H,
                               int E) {
   std::vector<double> grad(std::size_t(H) * E, 0.0);
+  const SingleThreadedBlas small(double(T) * H * E < kSmallBlasWork);
   cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, E, int(T), 1.0, hidden, H, grad_logits.data(), E,
               0.0, grad.data(), E);
   return grad;

@@ -68,6 +68,7 @@ ForwardCache::ForwardCache(const ProblemData& data, const ObjectiveDefinition& o
   shape_ = RouterShape{T_, E_, k_, objective.score == ScoreFunction::kSoftmax, objective.norm_topk_prob};
   groups_ = weighGroups(assignGroups(data, objective), objective);
   has_aux_terms_ = objective.aux_coeff != 0.0 || objective.z_coeff != 0.0;
+  keep_outputs_ = 8.0 * double(T_) * k_ * H_ * L_ <= kKeptOutputBytes;
 }
 
 void ForwardCache::forward() {
@@ -103,6 +104,7 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   const double* W = data_.router_weight[l].data();
   // z = h W [T, E], the first of the two products per layer.
   c.logits.assign(TE, 0.0);
+  const SingleThreadedBlas small(double(T_) * H_ * E_ < kSmallBlasWork);
   cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T_), E_, H_, 1.0, h, H_, W, E_, 0.0,
               c.logits.data(), E_);
   scoreLayer(c, shape_, {});
@@ -118,8 +120,9 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   next.assign(h, h + std::size_t(T_) * H);
   // Grouped by expert: each expert's routed rows as one [n_e, H] block, two dgemms (pre-activation
   // x = h A_e, output tanh(x) B_e) instead of a matrix-vector product per (token, slot). The
-  // [T, k, H] outputs are not kept (at DeepSeek-V3 size they would be 1.9 GB per layer): they are
-  // added into h_{l+1} here and recomputed per token from act where needed (expertOutputRow).
+  // [T, k, H] outputs are kept only while small (keep_outputs_; at DeepSeek-V3 size they would be
+  // 1.9 GB per layer): they are added into h_{l+1} here and otherwise recomputed per token from act
+  // where needed (expertOutput).
   // Experts are computed `workers` at a time and added in expert order, so h_{l+1} does not depend on
   // the thread count.
   std::vector<std::vector<Index>> pairs_of(E_);  // t k + s of every slot routed to expert e
@@ -127,6 +130,7 @@ void ForwardCache::forwardLayer(int l, bool experts) {
     for (int s = 0; s < k; ++s) pairs_of[c.topk[t * k + s]].push_back(t * k + s);
   const int workers = workerCount();
   std::vector<std::vector<double>> outputs(workers);
+  if (keep_outputs_) c.out.assign(std::size_t(T_) * k * H, 0.0);
   for (int first = 0; first < E_; first += workers) {
     const int batch = std::min(workers, E_ - first);
     parallelFor(batch, workers, [&](Index b_begin, Index b_end, int) {
@@ -164,6 +168,7 @@ void ForwardCache::forwardLayer(int l, bool experts) {
       for (std::size_t i = 0; i < pairs.size(); ++i) {
         const double g = c.gate[pairs[i]];
         const double* row = &outputs[b][i * H];
+        if (keep_outputs_) std::copy(row, row + H, c.out.begin() + std::size_t(pairs[i]) * H);
         double* nt = &next[std::size_t(pairs[i] / k) * H];
         for (int j = 0; j < H; ++j) nt[j] += g * row[j];
       }
@@ -171,8 +176,9 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   }
 }
 
-void ForwardCache::expertOutputRow(int l, Index t, int s, double* row) const {
+const double* ForwardCache::expertOutput(int l, Index t, int s, double* row) const {
   const LayerCache& c = layers_[l];
+  if (!c.out.empty()) return &c.out[(std::size_t(t) * k_ + s) * H_];
   const int e = c.topk[t * k_ + s];
   const double* act = &c.act[(std::size_t(t) * k_ + s) * F_];
   const double* Bm = &data_.expert_out[l][std::size_t(e) * F_ * H_];
@@ -182,6 +188,7 @@ void ForwardCache::expertOutputRow(int l, Index t, int s, double* row) const {
     const double* b = Bm + std::size_t(f) * H_;
     for (int i = 0; i < H_; ++i) row[i] += a * b[i];
   }
+  return row;
 }
 
 double ForwardCache::stepLogits(int l, Index t, const double* given_expm1, Delta& delta, bool check_routing,
@@ -250,9 +257,8 @@ void ForwardCache::stepLayer(int l, Index t, const double* given_expm1, bool dh_
   double* next = scratch.dh_next.data();
   if (dh_zero) std::fill(next, next + H_, 0.0);
   else std::copy(dh, dh + H_, next);
-  double* out = scratch.out_row.data();
   for (int s = 0; s < k_; ++s) {
-    expertOutputRow(l, t, s, out);
+    const double* out = expertOutput(l, t, s, scratch.out_row.data());
     for (int i = 0; i < H_; ++i) next[i] += dg[s] * out[i];
     if (dh_zero) continue;
     const int e = topk[s];
@@ -430,8 +436,11 @@ void ForwardCache::buildSuffixBasis(int l, Index t, TokenSuffixBasis& b) const {
   const LayerCache& last = layers_[l + 1];
   const double* out_below = b.V.data();  // rows [0, k)
   for (int s = 0; s < k; ++s) {
-    expertOutputRow(l, t, s, &b.V[std::size_t(s) * H]);
-    expertOutputRow(l + 1, t, s, &b.V[std::size_t(k + s) * H]);
+    for (int which = 0; which < 2; ++which) {
+      double* row = &b.V[std::size_t(which * k + s) * H];
+      const double* out = expertOutput(l + which, t, s, row);
+      if (out != row) std::copy(out, out + H, row);
+    }
   }
   for (int s = 0; s < k; ++s) {
     const int e = last.topk[t * k + s];
@@ -451,8 +460,9 @@ void ForwardCache::buildSuffixBasis(int l, Index t, TokenSuffixBasis& b) const {
 
 const double* ForwardCache::gateOutput(int l, Index t, int s, Scratch& scratch) const {
   // The six evaluations of one (t, s) (three steps, two signs) come in a row: compute its row once.
+  if (!layers_[l].out.empty()) return &layers_[l].out[(std::size_t(t) * k_ + s) * H_];
   if (scratch.gate_row_layer != l || scratch.gate_row_token != t || scratch.gate_row_slot != s) {
-    expertOutputRow(l, t, s, scratch.gate_row.data());
+    expertOutput(l, t, s, scratch.gate_row.data());
     scratch.gate_row_layer = l;
     scratch.gate_row_token = t;
     scratch.gate_row_slot = s;
@@ -463,10 +473,19 @@ const double* ForwardCache::gateOutput(int l, Index t, int s, Scratch& scratch) 
 Delta ForwardCache::gateSuffixChange(int l, Index t, int s, double delta, bool include_main,
                                      const TokenSuffixBasis* basis, Scratch& scratch) const {
   if (l + 1 >= L_) {
-    // The last layer's gate: only the main loss follows.
-    const double* out = gateOutput(l, t, s, scratch);
-    for (int i = 0; i < H_; ++i) scratch.dh[i] = delta * out[i];
-    return propagateHiddenChange(l + 1, t, include_main, scratch);
+    // The last layer's gate: only the main loss follows, w (delta o.r + 0.5 delta^2 o.o) with o.r and
+    // o.o taken once per (t, s).
+    Delta result;
+    if (include_main && groups_.main_weight[t] != 0.0) {
+      const double* out = gateOutput(l, t, s, scratch);
+      if (scratch.gate_row_dots_for != out) {
+        scratch.gate_row_dot_r = dot(out, &residual_[std::size_t(t) * H_], H_);
+        scratch.gate_row_sq = dot(out, out, H_);
+        scratch.gate_row_dots_for = out;
+      }
+      result.main = groups_.main_weight[t] * (delta * scratch.gate_row_dot_r + 0.5 * delta * delta * scratch.gate_row_sq);
+    }
+    return result;
   }
   // Layer l+1's logits move by delta (out_l[t, s] W_{l+1}).
   double* dz = scratch.dz.data();

@@ -93,12 +93,13 @@ class ForwardCache {
   // Whether buildSuffixBasis pays off for this model (its cost per token against the general path's).
   bool suffixBasisPaysOff() const;
   void buildSuffixBasis(int l, Index t, TokenSuffixBasis& basis) const;
-  // out_l[t, s] = tanh(h_l[t] A_e) B_e of token t's slot s, recomputed from the cached activations.
-  void expertOutputRow(int l, Index t, int s, double* row) const;
+  // out_l[t, s] = tanh(h_l[t] A_e) B_e of token t's slot s: the kept row, or one recomputed from the
+  // cached activations into `row` ([H]).
+  const double* expertOutput(int l, Index t, int s, double* row) const;
 
  private:
   void forwardLayer(int l, bool experts);
-  // expertOutputRow of (l, t, s) in scratch.gate_row, computed once for consecutive calls.
+  // expertOutput of (l, t, s), computed once for consecutive calls (scratch.gate_row).
   const double* gateOutput(int l, Index t, int s, Scratch& scratch) const;
   // One layer of a propagation: from the logit changes dz (or, when given, their expm1) to the
   // layer's aux+z change (added to delta) and, when `later`, the hidden change entering layer l+1
@@ -117,6 +118,10 @@ class ForwardCache {
   Index T_ = 0;
   int H_ = 0, E_ = 0, F_ = 0, L_ = 0, k_ = 0;
   bool has_aux_terms_ = false;
+  // Whether the layers keep their [T, k, H] expert outputs: while all of them fit in kKeptOutputBytes;
+  // above that (1.9 GB per layer at DeepSeek-V3 size) rows are recomputed from [T, k, F] activations.
+  static constexpr double kKeptOutputBytes = 256.0 * (1 << 20);
+  bool keep_outputs_ = false;
   RouterShape shape_;
   TokenGroups groups_;
   std::vector<LayerCache> layers_;

@@ -38,7 +38,8 @@ struct LayerCache {
   bool has_experts = false;
   std::vector<double> act;        // [T, k, F] tanh(h A_e) of the routed experts
   std::vector<double> sech2;      // [T, k, F] 1 - tanh^2(h A_e) = 1 / cosh^2(h A_e)
-  // Expert_e(h) = tanh(h A_e) B_e is not kept ([T, k, H]); ForwardCache::expertOutputRow recomputes a row.
+  std::vector<double> out;        // [T, k, H] Expert_e(h) = tanh(h A_e) B_e, kept only while small
+                                  // (ForwardCache::expertOutput recomputes a row otherwise)
   double aux_value = 0.0, z_value = 0.0;
 };
 
@@ -146,6 +147,8 @@ struct Scratch {
   std::vector<double> gate_row;     // [H] the expert output of the gate being differenced, and which:
   int gate_row_layer = -1, gate_row_slot = -1;
   Index gate_row_token = -1;
+  const double* gate_row_dots_for = nullptr;  // the row whose o.r and o.o these are (last-layer gates)
+  double gate_row_dot_r = 0.0, gate_row_sq = 0.0;
   Scratch(int H, int E, int k, int F)
       : dh(H), dh_next(H), dz(E), em(E), ds(E), dg(k), dnum(k), dpre(std::max(F, 1)), du(std::max(F, 1)),
         marked(E, 0), psi_aux(k), psi_main(k), psi_aux_err(k), psi_main_err(k), dg_up(k), dg_down(k),

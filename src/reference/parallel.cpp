@@ -1,6 +1,12 @@
 #include "reference/parallel.hpp"
 
 #include <dlfcn.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 namespace moe::reference {
 namespace {
@@ -14,7 +20,8 @@ Setter blasSetter() { return reinterpret_cast<Setter>(dlsym(RTLD_DEFAULT, "openb
 
 }  // namespace
 
-SingleThreadedBlas::SingleThreadedBlas() {
+SingleThreadedBlas::SingleThreadedBlas(bool when) {
+  if (!when) return;
   static const Getter get = blasGetter();
   static const Setter set = blasSetter();
   if (get == nullptr || set == nullptr) return;
@@ -25,6 +32,88 @@ SingleThreadedBlas::SingleThreadedBlas() {
 SingleThreadedBlas::~SingleThreadedBlas() {
   static const Setter set = blasSetter();
   if (previous_ > 1 && set != nullptr) set(previous_);
+}
+
+namespace {
+
+class WorkerPool {
+ public:
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  // False when another caller holds the pool (or it belongs to the parent of a fork).
+  bool tryRun(int workers, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> caller(caller_mutex_, std::try_to_lock);
+    if (!caller.owns_lock()) return false;
+    if (owner_ == 0) owner_ = ::getpid();
+    if (owner_ != ::getpid()) return false;
+    const int helpers = workers - 1;
+    while (static_cast<int>(threads_.size()) < helpers) {
+      const int id = static_cast<int>(threads_.size()) + 1;
+      threads_.emplace_back([this, id] { loop(id); });
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      active_ = helpers;
+      pending_ = helpers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void loop(int id) {
+    std::uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (id > active_) continue;
+      const std::function<void(int)>* job = job_;
+      lock.unlock();
+      (*job)(id);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex caller_mutex_;  // one parallel loop at a time
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+  bool stop_ = false;
+  pid_t owner_ = 0;
+};
+
+}  // namespace
+
+void runOnWorkers(int workers, const std::function<void(int)>& job) {
+  static WorkerPool pool;
+  if (workers <= 1) {
+    job(0);
+    return;
+  }
+  if (pool.tryRun(workers, job)) return;
+  std::vector<std::thread> threads;
+  for (int w = 1; w < workers; ++w) threads.emplace_back([&job, w] { job(w); });
+  job(0);
+  for (auto& t : threads) t.join();
 }
 
 }  // namespace moe::reference

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -22,7 +23,8 @@ inline int workerCount() {
 // time in exec_blas_async at DeepSeek-V3 size, issue 11). Restores the previous count.
 class SingleThreadedBlas {
  public:
-  SingleThreadedBlas();
+  // when = false: no change (for call sites that decide by the size of the product).
+  explicit SingleThreadedBlas(bool when = true);
   ~SingleThreadedBlas();
   SingleThreadedBlas(const SingleThreadedBlas&) = delete;
   SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
@@ -30,6 +32,16 @@ class SingleThreadedBlas {
  private:
   int previous_ = -1;
 };
+
+// A product this small (multiply-adds) runs faster on one thread than it takes OpenBLAS's pool to
+// wake up and hand out the work (measured at hidden 128, 32 experts, 1024 tokens: issue 11).
+constexpr double kSmallBlasWork = 1 << 26;
+
+// Runs job(w) for w in [0, workers) at once: w = 0 on the calling thread, the others on a persistent
+// pool of threads (started on first use, kept for the process), so that the many short loops of a
+// small reference do not each pay for creating threads. Falls back to new threads when the pool is in
+// use by another caller or the process was forked after the pool started.
+void runOnWorkers(int workers, const std::function<void(int)>& job);
 
 // Runs fn(begin, end, worker) over [0, count) on up to `workers` threads. Every element is written by
 // exactly one worker and nothing is reduced across workers here, so the results do not depend on the
@@ -42,14 +54,11 @@ void parallelFor(Index count, int workers, Fn fn) {
     return;
   }
   const SingleThreadedBlas blas_on_the_workers;
-  std::vector<std::thread> threads;
   const Index chunk = (count + workers - 1) / workers;
-  for (int w = 0; w < workers; ++w) {
+  runOnWorkers(workers, [&](int w) {
     const Index begin = w * chunk, end = std::min(count, begin + chunk);
-    if (begin >= end) break;
-    threads.emplace_back([=, &fn] { fn(begin, end, w); });
-  }
-  for (auto& th : threads) th.join();
+    if (begin < end) fn(begin, end, w);
+  });
 }
 
 }  // namespace moe::reference

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/errors.hpp"
+#include "common/progress.hpp"
 
 namespace moe {
 
@@ -80,16 +81,27 @@ void EmulatedWorld::abort(const std::string& why) {
 
 namespace {
 
-// Waits on `cv` until `ready()` or the world aborts or the deadline passes; throws on the latter two.
+// Waits on `cv` until `ready()` or the world aborts or no rank has progressed for `timeout`; throws on
+// the latter two. A wait is not a hang while other ranks work: with thousands of ranks sharing a few
+// compute slots, a peer may legitimately start its step minutes after this rank began waiting, so
+// the deadline moves on whenever the process's progress counter (common/progress.hpp, advanced by
+// every rank's schedule steps) has moved.
 template <class Ready>
 void waitOrThrow(std::unique_lock<std::mutex>& lock, EmulatedWorld::Impl& impl,
                  std::chrono::milliseconds timeout, int rank, const std::string& op, Ready ready) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::uint64_t progress_seen = progress::count();
   while (!ready()) {
     if (impl.aborted) throw RuntimeFailure("emulated", rank, op, "aborted: " + impl.abort_reason);
     if (impl.changed.wait_until(lock, deadline) == std::cv_status::timeout && !ready()) {
+      const std::uint64_t progress_now = progress::count();
+      if (progress_now != progress_seen) {
+        progress_seen = progress_now;
+        deadline = std::chrono::steady_clock::now() + timeout;
+        continue;
+      }
       throw RuntimeFailure("emulated", rank, op,
-                           fmt::format("timed out after {:.1f} s waiting for its peers",
+                           fmt::format("timed out after {:.1f} s waiting for its peers (no rank progressed)",
                                        timeout.count() / 1000.0));
     }
   }

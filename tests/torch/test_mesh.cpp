@@ -12,6 +12,7 @@
 #include "app/selftest.hpp"
 #include "check/compare.hpp"
 #include "common/errors.hpp"
+#include "common/progress.hpp"
 #include "scenario/catalog.hpp"
 #include "sim/emulated_communicator.hpp"
 #include "sim/emulated_backend.hpp"
@@ -100,6 +101,28 @@ TEST(EmulatedCommunicator, MissingPeerTimesOutWithRankAndOperation) {
         << e.what();
     EXPECT_EQ(e.code(), ExitCode::kRuntimeFailure);
   }
+}
+
+// A peer that arrives long after the time-out, while the process keeps progressing (thousands of ranks
+// sharing a few compute slots), is late, not hung: the wait goes on.
+TEST(EmulatedCommunicator, LatePeerWhileOthersProgressIsNotATimeout) {
+  MeshLayout layout;
+  layout.dp = 2;
+  EmulatedWorld world(layout, EmulatedOptions{std::chrono::milliseconds(200)});
+  std::thread late([&] {
+    for (int i = 0; i < 10; ++i) {  // 5 time-outs' worth of work
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      progress::advance();
+    }
+    EmulatedCommunicator comm(world, 1);
+    at::Tensor t = torch::full({1}, 2.0, at::kDouble);
+    comm.allReduceSum(t, CommGroup::kDataParallel);
+  });
+  EmulatedCommunicator comm(world, 0);
+  at::Tensor t = torch::ones({1}, at::kDouble);
+  EXPECT_NO_THROW(comm.allReduceSum(t, CommGroup::kDataParallel));
+  late.join();
+  EXPECT_EQ(t.item<double>(), 3.0);
 }
 
 struct GridMesh {

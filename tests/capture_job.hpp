@@ -1,11 +1,16 @@
-// A small capture job built from formulas (every value known in closed form), shared by the capture
-// tests (tests/base/test_capture.cpp) and the fuzz corpus generator (fuzz/make_seeds.cpp).
+// A small capture job built from formulas (every value known in closed form), and edits of a rank
+// file's manifest text at the byte level; shared by the capture tests, the bad-input tables and the
+// fuzz target and seeds (fuzz/).
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "capture/capture.hpp"
+#include "capture/capture_manifest.hpp"
 #include "capture/capture_writer.hpp"
 
 namespace moe::testjob {
@@ -99,6 +104,66 @@ inline std::vector<CaptureRankRecord> buildJob(const JobShape& job) {
           ranks.push_back(std::move(rank));
         }
   return ranks;
+}
+
+// ---- a rank file's manifest, edited as text (for input no JSON library would write)
+
+// A rank file's bytes split at its header: the header JSON without __metadata__ (its entries, no
+// braces) and the data buffer.
+struct RankFileParts {
+  std::string tensor_entries;
+  std::string data;
+  std::string manifest;  // the original manifest text
+};
+
+inline RankFileParts splitRankFile(const std::vector<std::uint8_t>& bytes) {
+  std::uint64_t header_length = 0;
+  for (int i = 7; i >= 0; --i) header_length = (header_length << 8) | bytes.at(static_cast<std::size_t>(i));
+  const std::string header(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_length));
+  nlohmann::json parsed = nlohmann::json::parse(header);
+  RankFileParts parts;
+  parts.manifest = parsed.at("__metadata__").at(kCaptureManifestKey).get<std::string>();
+  parsed.erase("__metadata__");
+  const std::string entries = parsed.dump();
+  parts.tensor_entries = entries.substr(1, entries.size() - 2);
+  parts.data.assign(bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_length), bytes.end());
+  return parts;
+}
+
+// `text` as the body of a JSON string: quote, backslash and control characters escaped, every other
+// byte (invalid UTF-8 included) kept.
+inline std::string escapeJsonStringBytes(const std::string& text) {
+  std::string out;
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (byte < 0x20) {
+      static const char* hex = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[byte >> 4];
+      out += hex[byte & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+// The rank file with `manifest_text` as its manifest and the base file's tensors and data.
+inline std::vector<std::uint8_t> rankFileWithManifest(const RankFileParts& parts, const std::string& manifest_text) {
+  std::string header = "{\"__metadata__\":{\"" + std::string(kCaptureManifestKey) + "\":\"" +
+                       escapeJsonStringBytes(manifest_text) + "\"}";
+  if (!parts.tensor_entries.empty()) header += "," + parts.tensor_entries;
+  header += "}";
+  while (header.size() % 8 != 0) header += ' ';
+  std::vector<std::uint8_t> bytes(8);
+  std::uint64_t length = header.size();
+  for (int i = 0; i < 8; ++i) bytes[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(length >> (8 * i));
+  bytes.insert(bytes.end(), header.begin(), header.end());
+  bytes.insert(bytes.end(), parts.data.begin(), parts.data.end());
+  return bytes;
 }
 
 }  // namespace moe::testjob

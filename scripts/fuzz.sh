@@ -10,6 +10,9 @@
 #                               landing never depends on luck
 #   scripts/fuzz.sh --seeds     rewrite the generated seeds in fuzz/corpus (fuzz/make_seeds.cpp) and
 #                               copy the repository's scenario files into fuzz/corpus/scenario
+#   scripts/fuzz.sh --merge     add to fuzz/corpus/TARGET the inputs of BUILD_DIR/corpus/TARGET (what
+#                               timed runs found) that reach coverage the committed corpus does not
+#                               (libFuzzer -merge=1), so that the committed corpus stays small
 #
 # Any crash, leak, sanitizer report or broken outcome contract fails the script (exit 1).
 # Environment: BUILD_DIR (default build-fuzz), FUZZ_JOBS (targets fuzzed at once, default 1),
@@ -24,8 +27,9 @@ SECONDS_PER_TARGET=60
 case "${1:-}" in
   --ci) MODE="ci" ;;
   --seeds) MODE="seeds" ;;
+  --merge) MODE="merge" ;;
   "") ;;
-  *[!0-9]*) echo "usage: scripts/fuzz.sh [SECONDS] | --ci | --seeds" >&2; exit 2 ;;
+  *[!0-9]*) echo "usage: scripts/fuzz.sh [SECONDS] | --ci | --seeds | --merge" >&2; exit 2 ;;
   *) SECONDS_PER_TARGET="$1" ;;
 esac
 BUILD_DIR="${BUILD_DIR:-build-fuzz}"
@@ -71,6 +75,17 @@ fi
 
 mkdir -p "$BUILD_DIR/logs"
 status=0
+
+if [ "$MODE" = "merge" ]; then
+  for t in "${TARGETS[@]}"; do
+    before=$(find "fuzz/corpus/$t" -type f | wc -l)
+    mkdir -p "$BUILD_DIR/corpus/$t"
+    "$BUILD_DIR/fuzz/fuzz_$t" -merge=1 "fuzz/corpus/$t" "$BUILD_DIR/corpus/$t" >"$BUILD_DIR/logs/merge-$t.log" 2>&1 ||
+      { echo "fuzz --merge: $t failed (see $BUILD_DIR/logs/merge-$t.log)"; status=1; continue; }
+    echo "fuzz --merge: $t: $before -> $(find "fuzz/corpus/$t" -type f | wc -l) inputs"
+  done
+  exit $status
+fi
 
 if [ "$MODE" = "ci" ]; then
   for t in "${TARGETS[@]}"; do

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <ostream>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -49,6 +50,8 @@ struct BadInputCase {
   InputKind kind;
   std::function<BuiltInput(const fs::path& dir)> build;
 };
+// gtest prints a row by its name (not as bytes).
+inline void PrintTo(const BadInputCase& row, std::ostream* os) { *os << row.name; }
 
 // ------------------------------------------------------------------------------------ helpers
 

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cli/commands.hpp"
+#include "cli/error_exit.hpp"
 #include "common/errors.hpp"
 #include "common/interrupt.hpp"
 
@@ -20,29 +21,15 @@ int main(int argc, char** argv) {
   moe::cli::setupListCommand(app, exit_code);
   moe::cli::setupSelftestCommand(app, exit_code);
   moe::cli::setupVerifyCommand(app, exit_code);
-  // CLI11 reports an unknown subcommand as "A subcommand is required"; name it instead.
-  if (argc > 1 && argv[1][0] != '-') {
-    bool known = false;
-    for (const CLI::App* sub : app.get_subcommands({})) known |= sub->get_name() == argv[1];
-    if (!known) {
-      std::cerr << "moe-lbcheck: unknown subcommand '" << argv[1]
-                << "' (expected run, verify, sweep, validate, list or selftest; see --help)\n";
-      return static_cast<int>(moe::ExitCode::kInvalidInput);
-    }
-  }
+  const int unknown = moe::cli::rejectUnknownSubcommand(
+      app, argc, argv, "moe-lbcheck", "run, verify, sweep, validate, list or selftest");
+  if (unknown >= 0) return unknown;
   try {
     app.parse(argc, argv);
     return exit_code;
   } catch (const CLI::ParseError& e) {
-    // CLI11 uses 100+ for parse errors; invalid usage is exit code 2. --help/--version are 0.
-    const int code = app.exit(e);
-    return code == 0 ? 0 : static_cast<int>(moe::ExitCode::kInvalidInput);
-  } catch (const moe::Error& e) {
-    std::cerr << "moe-lbcheck: error: " << e.what() << "\n";
-    return static_cast<int>(e.code());
+    return moe::cli::exitCodeOfParseError(app, e);
   } catch (const std::exception& e) {
-    // LibTorch's c10::Error appends a C++ backtrace to its message; keep only the message.
-    std::cerr << "moe-lbcheck: runtime failure: " << moe::withoutBacktrace(e.what()) << "\n";
-    return static_cast<int>(moe::ExitCode::kRuntimeFailure);
+    return moe::cli::exitCodeOfError(e, "moe-lbcheck");
   }
 }

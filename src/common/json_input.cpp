@@ -117,6 +117,15 @@ Json::parser_callback_t trackingCallback(const std::shared_ptr<PathTracker>& tra
   };
 }
 
+// ", near /aux/coeff" for a syntax error inside the document (NaN, a byte that is not UTF-8, a file
+// cut off): the value being read, or the one just read before a broken key, so that the message names
+// a JSON path as well as the line; "" at the top level. The error's own JSON path stays empty: the
+// document as a whole failed to parse.
+std::string whereInDocument(const PathTracker& tracker) {
+  const std::string path = tracker.pendingValuePath();
+  return path.empty() ? std::string() : ", near " + path;
+}
+
 // A NUL cannot occur unescaped in JSON text, so no string of a real document reads back with this
 // prefix unless it was written as "\u0000moe-lbcheck..." on purpose.
 constexpr std::string_view kNonFinitePrefix{"\0moe-lbcheck:non-finite:", 24};
@@ -199,8 +208,8 @@ Json parseDocument(const std::string& text, const std::string& file, int max_dep
   } catch (const Json::parse_error& e) {
     const auto [line, column] = lineAndColumn(text, e.byte > 0 ? e.byte - 1 : 0);
     throw InputError(file, "",
-                     fmt::format("invalid JSON at line {}, column {} (byte {}): {}", line, column, e.byte,
-                                 syntaxDetail(e)));
+                     fmt::format("invalid JSON at line {}, column {} (byte {}){}: {}", line, column, e.byte,
+                                 whereInDocument(*tracker), syntaxDetail(e)));
   } catch (const Json::out_of_range& e) {
     // nlohmann throws out_of_range 406 for a float literal no double holds (1e400).
     std::string detail = e.what();
@@ -228,9 +237,21 @@ Json parseJsonStrict(std::string_view text, const std::string& file, const std::
     const auto [line, column] = lineAndColumn(text, e.byte > 0 ? e.byte - 1 : 0);
     throw InputError(file, document_pointer,
                      what_document + ", got invalid JSON at line " + std::to_string(line) + ", column " +
-                         std::to_string(column) + ": " + syntaxDetail(e));
-  } catch (const Json::exception& e) {  // e.g. out_of_range.406: a number beyond the double range
-    throw InputError(file, document_pointer, what_document + ", got JSON it cannot read: " + e.what());
+                         std::to_string(column) + whereInDocument(*tracker) + ": " + syntaxDetail(e));
+  } catch (const Json::out_of_range& e) {
+    // out_of_range.406: a number beyond the double range, in a document read without marking it
+    // (a safetensors header): named by its pointer, as parseDocument does.
+    std::string detail = e.what();
+    const std::size_t bracket = detail.find("] ");
+    if (bracket != std::string::npos) detail = detail.substr(bracket + 2);
+    // Named like the repeated keys and the nesting the callback refuses: by the path in the document.
+    const std::string path = tracker->pendingValuePath();
+    throw InputError(file, path.empty() ? document_pointer : path,
+                     what_document + " with every number within the range of a double, got " + detail);
+  } catch (const Json::exception& e) {
+    const std::string path = tracker->pendingValuePath();
+    throw InputError(file, path.empty() ? document_pointer : path,
+                     what_document + ", got JSON it cannot read: " + e.what());
   }
 }
 

@@ -617,8 +617,8 @@ class ScenarioValidator {
 
     const std::uint64_t bytes = estimateMemoryBytes(sc_);
     if (bytes > kMaxScenarioBytes)
-      fail("", fmt::format("estimated memory {:.2f} GiB exceeds the limit of {:.0f} GiB; reduce batch, "
-                           "seq_len, hidden, experts, ffn or layers",
+      fail("", fmt::format("estimated memory {:.2f} GiB exceeds the limit of {:.0f} GiB; reduce /data/batch, "
+                           "/data/seq_len, /model/hidden, /model/experts, /model/ffn or /model/layers",
                            static_cast<double>(bytes) / (1ull << 30),
                            static_cast<double>(kMaxScenarioBytes) / (1ull << 30)));
   }

@@ -15,8 +15,9 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <ostream>
 #include <limits>
+#include <ostream>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -384,6 +385,13 @@ inline std::vector<BadInputCase> badInputCases() {
                     return BuiltInput{(dir / "capture").string(), {(dir / "capture").string(), "a file"}, ""};
                   }});
   return rows;
+}
+
+// Every path below `dir`: what a row may not add to its work folder (nothing written).
+inline std::set<std::string> listTree(const fs::path& dir) {
+  std::set<std::string> names;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) names.insert(entry.path().string());
+  return names;
 }
 
 }  // namespace moe::badinput

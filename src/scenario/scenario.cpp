@@ -688,15 +688,30 @@ std::string scenarioToJsonText(const Scenario& scenario, int indent) {
 }
 
 std::uint64_t estimateMemoryBytes(const Scenario& scenario) {
-  // In double so that no product can overflow, whatever the (possibly unvalidated) sizes.
+  // In double so that no product can overflow, whatever the (possibly unvalidated) sizes. The model
+  // follows what a run holds at its peak (calibrated against measured peaks: bench/bench_memory.cpp,
+  // bench/RESULTS.md): the process with LibTorch loaded, the float64 problem data for the whole run,
+  // and the larger of the two phases that follow each other: the reference's forward cache, or the
+  // mesh runs' activations (every rank's graph is alive at once; the mesh reads float64 data in place
+  // and copies it for another dtype).
   const auto dim = [](int v) { return v > 0 ? static_cast<double>(v) : 0.0; };
   const double B = dim(scenario.data.batch), S = dim(scenario.data.seq_len);
   const double H = dim(scenario.model.hidden), E = dim(scenario.model.experts);
-  const double L = dim(scenario.model.layers), F = dim(scenario.model.ffn);
-  const double inputs_and_targets = 2.0 * B * S * H;
-  const double activations = 3.0 * L * B * S * (2.0 * H + E);  // x3 for autograd buffers
+  const double L = dim(scenario.model.layers), F = dim(scenario.model.ffn), k = dim(scenario.model.top_k);
+  const double T = B * S;
+  const double process = 170.0 * (1 << 20);  // measured: `validate` 166 MB, a 1024-token run 188 MB
   const double weights = L * (H * E + 2.0 * E * H * F);
-  const double bytes = 8.0 * (inputs_and_targets + activations + weights);
+  const double data = 8.0 * (2.0 * T * H + weights);  // x, y and the weights, float64
+  // Hidden states of every layer, h_L and the residual; about 8 [T, E] arrays per layer (logits,
+  // exponentials, sigmoid pairs, the logit gradients); activations and layer l+1's logit changes.
+  const double reference = 8.0 * (T * H * (L + 2.0) + 8.0 * L * T * E + L * T * k * (2.0 * F + E));
+  const double dtype_bytes = scenario.model.dtype == DType::kFloat64 ? 8.0
+                             : scenario.model.dtype == DType::kFloat32 ? 4.0 : 2.0;
+  // Per token, about 2L + 3 [., H] tensors in flight (a layer's input and output, the main loss's
+  // difference and square, the backward's gradients).
+  const double mesh_inputs = scenario.model.dtype == DType::kFloat64 ? 0.0 : dtype_bytes * (2.0 * T * H + weights);
+  const double mesh = mesh_inputs + dtype_bytes * T * H * (2.0 * L + 3.0);
+  const double bytes = process + data + std::max(reference, mesh);
   if (bytes >= 18446744073709551615.0) return std::numeric_limits<std::uint64_t>::max();
   return static_cast<std::uint64_t>(bytes);
 }

@@ -819,14 +819,38 @@ TEST(ScenarioNames, DefaultRtol) {
   EXPECT_EQ(defaultRtol(DType::kBFloat16), 2e-1);
 }
 
-TEST(ScenarioMemory, EstimateFollowsTheFormula) {
-  Scenario s = codeBuiltScenario();  // B 8, S 16, H 32, E 8, L 2, F 16
-  const std::uint64_t x_and_y = 2ull * 8 * 16 * 32;
-  const std::uint64_t activations = 3ull * 2 * 8 * 16 * (2 * 32 + 8);
-  const std::uint64_t weights = 2ull * (32 * 8 + 2ull * 8 * 32 * 16);
-  EXPECT_EQ(estimateMemoryBytes(s), 8 * (x_and_y + activations + weights));
+// The estimate grows with what a run holds: linearly in the tokens once they dominate, never below
+// the data it must hold, and the DeepSeek-V3-size scenario of issue 11 (peak 2.85-2.92 GB measured
+// by bench/bench_memory) is estimated within 25% and allowed.
+TEST(ScenarioMemory, EstimateTracksWhatARunHolds) {
+  Scenario s = codeBuiltScenario();
+  s.model.hidden = 1024;
+  s.model.experts = 64;
+  s.model.ffn = 16;
+  s.data.batch = 8;
+  s.data.seq_len = 2048;
+  const double one = static_cast<double>(estimateMemoryBytes(s));
   s.data.batch = 16;
-  EXPECT_GT(estimateMemoryBytes(s), 8 * (x_and_y + activations + weights));
+  const double two = static_cast<double>(estimateMemoryBytes(s));
+  const double process = 170.0 * (1 << 20);
+  EXPECT_GT(two - process, 1.8 * (one - process));  // the token-sized terms dominate here
+  EXPECT_LT(two - process, 2.0 * (one - process));  // the weights do not double
+  EXPECT_GT(one, 8.0 * 2 * 8 * 2048 * 1024);        // at least x and y in float64
+  s.model.dtype = DType::kFloat32;                  // the mesh copies its inputs in another dtype
+  EXPECT_GE(static_cast<double>(estimateMemoryBytes(s)), 0.5 * two);
+
+  Scenario dsv3 = codeBuiltScenario();
+  dsv3.model = ModelConfig{};
+  dsv3.model.hidden = 7168;
+  dsv3.model.experts = 256;
+  dsv3.model.top_k = 8;
+  dsv3.model.layers = 2;
+  dsv3.model.ffn = 8;
+  dsv3.data.batch = 2;
+  dsv3.data.seq_len = 2048;
+  const double measured_peak = 2.88e9;
+  EXPECT_NEAR(static_cast<double>(estimateMemoryBytes(dsv3)), measured_peak, 0.25 * measured_peak);
+  EXPECT_LE(estimateMemoryBytes(dsv3), kMaxScenarioBytes);
 }
 
 TEST(ScenarioMemory, NoOverflowAtTheLimits) {

@@ -23,11 +23,7 @@ namespace fs = std::filesystem;
 using badinput::BadInputCase;
 using badinput::InputKind;
 
-std::set<std::string> listTree(const fs::path& dir) {
-  std::set<std::string> names;
-  for (const auto& entry : fs::recursive_directory_iterator(dir)) names.insert(entry.path().string());
-  return names;
-}
+using badinput::listTree;
 
 // The subcommands a row's input goes through.
 std::vector<std::string> subcommandsFor(InputKind kind) {

@@ -3,7 +3,7 @@
 // child through the same library call as `moe-lbcheck run` (runChecks, emulated backend); the peak is
 // the child's ru_maxrss from wait4. Target: the estimate within 25% of the peak.
 //
-//   bench_memory [SCENARIO.json ...]   (default: bench/scenarios/{dsv3-size,wide-tp,small-global-batch}.json)
+//   bench_memory [SCENARIO.json ...]   (default: bench/scenarios/{dsv3-size,wide-tp,medium-2048}.json)
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> files;
   for (int i = 1; i < argc; ++i) files.emplace_back(argv[i]);
   if (files.empty())
-    for (const char* name : {"dsv3-size", "wide-tp", "small-global-batch"})
+    for (const char* name : {"dsv3-size", "wide-tp", "medium-2048"})
       files.push_back(std::string(MOE_BENCH_DIR) + "/scenarios/" + name + ".json");
   std::printf("%-22s %12s %12s %9s  %s\n", "scenario", "estimate GB", "peak GB", "est/peak", "within 25%");
   int failures = 0;

@@ -68,8 +68,10 @@ ForwardCache::ForwardCache(const ProblemData& data, const ObjectiveDefinition& o
   shape_ = RouterShape{T_, E_, k_, objective.score == ScoreFunction::kSoftmax, objective.norm_topk_prob};
   groups_ = weighGroups(assignGroups(data, objective), objective);
   has_aux_terms_ = objective.aux_coeff != 0.0 || objective.z_coeff != 0.0;
-  keep_outputs_ = 8.0 * double(T_) * k_ * H_ * L_ <= kKeptOutputBytes;
+  keepExpertOutputsUpTo(256.0 * (1 << 20));
 }
+
+void ForwardCache::keepExpertOutputsUpTo(double bytes) { keep_outputs_ = 8.0 * double(T_) * k_ * H_ * L_ <= bytes; }
 
 void ForwardCache::forward() {
   layers_.assign(L_, LayerCache{});
@@ -477,11 +479,13 @@ Delta ForwardCache::gateSuffixChange(int l, Index t, int s, double delta, bool i
     // o.o taken once per (t, s).
     Delta result;
     if (include_main && groups_.main_weight[t] != 0.0) {
-      const double* out = gateOutput(l, t, s, scratch);
-      if (scratch.gate_row_dots_for != out) {
+      if (scratch.dots_layer != l || scratch.dots_token != t || scratch.dots_slot != s) {
+        const double* out = gateOutput(l, t, s, scratch);
         scratch.gate_row_dot_r = dot(out, &residual_[std::size_t(t) * H_], H_);
         scratch.gate_row_sq = dot(out, out, H_);
-        scratch.gate_row_dots_for = out;
+        scratch.dots_layer = l;
+        scratch.dots_token = t;
+        scratch.dots_slot = s;
       }
       result.main = groups_.main_weight[t] * (delta * scratch.gate_row_dot_r + 0.5 * delta * delta * scratch.gate_row_sq);
     }

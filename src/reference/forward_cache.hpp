@@ -47,6 +47,11 @@ class ForwardCache {
   ForwardCache(const ProblemData& data, const ObjectiveDefinition& objective, bool with_main,
                bool last_layer_experts);
 
+  // The layers keep their [T, k, H] expert outputs while all of them fit in `bytes` (default 256 MiB;
+  // above, 1.9 GB per layer at DeepSeek-V3 size, rows are recomputed from the [T, k, F] activations).
+  // Call before forward().
+  void keepExpertOutputsUpTo(double bytes);
+
   // One full forward pass with routing recomputed.
   void forward();
 
@@ -118,10 +123,7 @@ class ForwardCache {
   Index T_ = 0;
   int H_ = 0, E_ = 0, F_ = 0, L_ = 0, k_ = 0;
   bool has_aux_terms_ = false;
-  // Whether the layers keep their [T, k, H] expert outputs: while all of them fit in kKeptOutputBytes;
-  // above that (1.9 GB per layer at DeepSeek-V3 size) rows are recomputed from [T, k, F] activations.
-  static constexpr double kKeptOutputBytes = 256.0 * (1 << 20);
-  bool keep_outputs_ = false;
+  bool keep_outputs_ = false;  // keepExpertOutputsUpTo
   RouterShape shape_;
   TokenGroups groups_;
   std::vector<LayerCache> layers_;

@@ -147,7 +147,9 @@ struct Scratch {
   std::vector<double> gate_row;     // [H] the expert output of the gate being differenced, and which:
   int gate_row_layer = -1, gate_row_slot = -1;
   Index gate_row_token = -1;
-  const double* gate_row_dots_for = nullptr;  // the row whose o.r and o.o these are (last-layer gates)
+  // o.r and o.o of the last-layer gate (dots_layer, dots_token, dots_slot) being differenced.
+  int dots_layer = -1, dots_slot = -1;
+  Index dots_token = -1;
   double gate_row_dot_r = 0.0, gate_row_sq = 0.0;
   Scratch(int H, int E, int k, int F)
       : dh(H), dh_next(H), dz(E), em(E), ds(E), dg(k), dnum(k), dpre(std::max(F, 1)), du(std::max(F, 1)),

@@ -86,6 +86,7 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
     throw UsageError("reference options: step > 0, min_step > 0 and directional_checks >= 0 expected");
   // The last layer's experts only matter for the main loss.
   ForwardCache model(data, objective, options.with_main, options.with_main);
+  model.keepExpertOutputsUpTo(options.max_kept_expert_output_bytes);
   model.forward();
   model.prepareSuffixProducts();
   const auto secondsSince = [](std::chrono::steady_clock::time_point t) {

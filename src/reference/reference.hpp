@@ -25,6 +25,9 @@ struct ReferenceOptions {
   int directional_checks = 2;    // random unit directions over all router weights (0 = none)
   std::uint64_t direction_seed = 0x5eed;
   SuffixBasis suffix_basis = SuffixBasis::kAuto;
+  // The forward cache keeps the experts' [T, k, H] outputs up to this size, and recomputes rows from
+  // their activations above it (same values; memory against time).
+  double max_kept_expert_output_bytes = 256.0 * (1 << 20);
 };
 
 struct ReferenceLayer {

@@ -460,8 +460,8 @@ TEST(ReferenceObjective, IntendedObjectiveTakesMainScopeFromPreset) {
 
 
 // The per-token basis of the layer below the last (TokenSuffixBasis: the last layer's expert inputs
-// and the main loss regrouped on 2k + kF rows) and the general per-evaluation propagation are the
-// same arithmetic regrouped: every gradient agrees to 1e-12 relative to its largest element, over
+// and the main loss regrouped on 2k + kF rows) and the general per-evaluation propagation, with the
+// experts' output rows kept or recomputed (as at real sizes), are the same arithmetic regrouped: every gradient agrees to 1e-12 relative to its largest element, over
 // softmax/sigmoid, normalized gates, z-loss and padding, at 2 layers (where the basis applies) and at
 // 3 (where it applies to the second layer only).
 TEST(ReferenceSuffixBasis, AgreesWithTheGeneralPropagation) {
@@ -480,15 +480,25 @@ TEST(ReferenceSuffixBasis, AgreesWithTheGeneralPropagation) {
     o.z_coeff = c.z;
     o.norm_topk_prob = c.norm;
     o.main_scope = MainLossScope::kTokenMean;
-    ReferenceOptions basis, general;
+    ReferenceOptions basis, general, recomputed;
     basis.suffix_basis = SuffixBasis::kAlways;
     general.suffix_basis = SuffixBasis::kNever;
+    recomputed.suffix_basis = SuffixBasis::kAlways;
+    recomputed.max_kept_expert_output_bytes = 0;  // every expert output row recomputed, as at real sizes
     const ReferenceResult rb = computeReference(d, o, basis), rg = computeReference(d, o, general);
+    const ReferenceResult rr = computeReference(d, o, recomputed);
+    ReferenceOptions general_recomputed = general;
+    general_recomputed.max_kept_expert_output_bytes = 0;
+    const ReferenceResult rgr = computeReference(d, o, general_recomputed);
     const std::string what = std::string(c.score == ScoreFunction::kSoftmax ? "softmax" : "sigmoid") + " L=" +
                              std::to_string(c.layers) + " k=" + std::to_string(c.top_k);
     for (int l = 0; l < d.layers; ++l) {
       EXPECT_LT(relDiff(rb.layers[l].aux_grad, rg.layers[l].aux_grad), 1e-12) << what << " layer " << l;
       EXPECT_LT(relDiff(rb.layers[l].main_grad, rg.layers[l].main_grad), 1e-12) << what << " layer " << l;
+      for (const ReferenceResult* r : {&rr, &rgr}) {
+        EXPECT_LT(relDiff(r->layers[l].aux_grad, rg.layers[l].aux_grad), 1e-12) << what << " recomputed, layer " << l;
+        EXPECT_LT(relDiff(r->layers[l].main_grad, rg.layers[l].main_grad), 1e-12) << what << " recomputed, layer " << l;
+      }
     }
     EXPECT_EQ(rb.frozen_elements, rg.frozen_elements) << what;
     ASSERT_EQ(rb.directional.size(), rg.directional.size());

@@ -19,11 +19,10 @@
 #include <string>
 #include <vector>
 
-#include <dlfcn.h>
-
 #include <torch/torch.h>
 
 #include "app/check_run.hpp"
+#include "common/blas_threads.hpp"
 #include "scenario/scenario.hpp"
 #include "sim/emulated_backend.hpp"
 
@@ -60,13 +59,6 @@ double dgemmRate(const Scenario& sc) {
     if (c.numel() == 0) std::abort();
   }
   return 2.0 * n * H * E / best;
-}
-
-// OpenBLAS's thread count (-1 when the system BLAS is another library).
-int blasThreads() {
-  using Getter = int (*)();
-  auto get = reinterpret_cast<Getter>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-  return get ? get() : -1;
 }
 
 struct ChildResult {

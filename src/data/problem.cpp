@@ -5,9 +5,8 @@
 #include <thread>
 #include <vector>
 
-#include "data/splitmix64.hpp"
-
 #include "common/errors.hpp"
+#include "data/splitmix64.hpp"
 
 namespace moe {
 namespace {

@@ -107,6 +107,7 @@ struct ExpertFfn : public torch::autograd::Function<ExpertFfn> {
                                                    : torch::zeros({n, expert_in.size(1)}, grad_out.options());
     at::Tensor grad_gates = torch::zeros({n * k}, gates.options());
     const int64_t experts = expert_in.size(0);
+    const at::Tensor gates_flat = gates.reshape({-1});
     for (int64_t e = 0; e < experts; ++e) {
       const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
       if (count == 0) continue;
@@ -117,7 +118,7 @@ struct ExpertFfn : public torch::autograd::Function<ExpertFfn> {
       const at::Tensor d_hidden = grad_out.index_select(0, rows).mm(expert_out[e].t());
       grad_gates.index_copy_(0, pairs, (d_hidden * hidden).sum(1));
       if (h_needs_grad) {
-        const at::Tensor gate = gates.reshape({-1}).index_select(0, pairs).unsqueeze(1);
+        const at::Tensor gate = gates_flat.index_select(0, pairs).unsqueeze(1);
         const at::Tensor d_pre = gate * d_hidden * (1 - hidden * hidden);  // tanh' = 1 - tanh^2
         grad_h.index_add_(0, rows, d_pre.mm(expert_in[e].t()));
       }

@@ -325,6 +325,8 @@ Delta ForwardCache::propagateHiddenChange(int l0, Index t, bool include_main, Sc
 
 double ForwardCache::propagateDirection(Index t, const std::vector<RankOneDirection>& direction, double eps,
                                         const double* em_first, Scratch& scratch) const {
+  const bool layer1_from_products =
+      L_ >= 2 && nextLogitProducts(0, t) != nullptr && !direction[1].prev_out_dot_u.empty();
   Delta delta;
   bool dh_zero = true;
   for (int l = 0; l < L_; ++l) {
@@ -338,10 +340,10 @@ double ForwardCache::propagateDirection(Index t, const std::vector<RankOneDirect
       const double* dh = scratch.dh.data();
       const RankOneDirection& v = direction[l];
       double hu = v.hidden_dot_u[t];
-      if (l == 1 && !next_logits_of_out_.empty() && !v.prev_out_dot_u.empty()) {
+      if (l == 1 && layer1_from_products) {
         // Layer 0 moved h_1 by sum_s dg_s out_0[t, s] (stepLayer with dh_zero), so
         // dh W_1 = sum_s dg_s (out_0[t, s] W_1) and dh . u = sum_s dg_s (out_0[t, s] . u).
-        const double* P = &next_logits_of_out_[0][std::size_t(t) * k_ * E_];
+        const double* P = nextLogitProducts(0, t);
         const double* dg = scratch.dg.data();
         for (int s = 0; s < k_; ++s) {
           const double* row = P + std::size_t(s) * E_;
@@ -362,7 +364,7 @@ double ForwardCache::propagateDirection(Index t, const std::vector<RankOneDirect
       for (int e = 0; e < E_; ++e) dz[e] += scale * v.v[e];
     }
     // With two layers and layer 1 taken from the products, h_1's change itself is never needed.
-    const bool form_next = !(l == 0 && L_ == 2 && !next_logits_of_out_.empty() && !direction[1].prev_out_dot_u.empty());
+    const bool form_next = !(l == 0 && L_ == 2 && layer1_from_products);
     stepLayer(l, t, given, dh_zero, later, delta, /*check_routing=*/false, scratch, form_next);
     if (!later) break;
     std::swap(scratch.dh, scratch.dh_next);
@@ -399,6 +401,11 @@ void ForwardCache::prepareSuffixProducts() {
         }
     });
   }
+}
+
+const double* ForwardCache::nextLogitProducts(int l, Index t) const {
+  if (l >= static_cast<int>(next_logits_of_out_.size()) || next_logits_of_out_[l].empty()) return nullptr;
+  return &next_logits_of_out_[l][std::size_t(t) * k_ * E_];
 }
 
 std::vector<double> ForwardCache::firstOutputsDot(const double* u) const {
@@ -461,15 +468,16 @@ void ForwardCache::buildSuffixBasis(int l, Index t, TokenSuffixBasis& b) const {
 }
 
 const double* ForwardCache::gateOutput(int l, Index t, int s, Scratch& scratch) const {
-  // The six evaluations of one (t, s) (three steps, two signs) come in a row: compute its row once.
-  if (!layers_[l].out.empty()) return &layers_[l].out[(std::size_t(t) * k_ + s) * H_];
-  if (scratch.gate_row_layer != l || scratch.gate_row_token != t || scratch.gate_row_slot != s) {
-    expertOutput(l, t, s, scratch.gate_row.data());
-    scratch.gate_row_layer = l;
-    scratch.gate_row_token = t;
-    scratch.gate_row_slot = s;
+  // The six evaluations of one (t, s) (three steps, two signs) come in a row: find its row once.
+  Scratch::Gate& g = scratch.gate;
+  if (g.layer != l || g.token != t || g.slot != s) {
+    g.layer = l;
+    g.token = t;
+    g.slot = s;
+    g.row = expertOutput(l, t, s, scratch.gate_row.data());
+    g.has_dots = false;
   }
-  return scratch.gate_row.data();
+  return g.row;
 }
 
 Delta ForwardCache::gateSuffixChange(int l, Index t, int s, double delta, bool include_main,
@@ -479,25 +487,25 @@ Delta ForwardCache::gateSuffixChange(int l, Index t, int s, double delta, bool i
     // o.o taken once per (t, s).
     Delta result;
     if (include_main && groups_.main_weight[t] != 0.0) {
-      if (scratch.dots_layer != l || scratch.dots_token != t || scratch.dots_slot != s) {
-        const double* out = gateOutput(l, t, s, scratch);
-        scratch.gate_row_dot_r = dot(out, &residual_[std::size_t(t) * H_], H_);
-        scratch.gate_row_sq = dot(out, out, H_);
-        scratch.dots_layer = l;
-        scratch.dots_token = t;
-        scratch.dots_slot = s;
+      const double* out = gateOutput(l, t, s, scratch);
+      Scratch::Gate& g = scratch.gate;
+      if (!g.has_dots) {
+        g.dot_r = dot(out, &residual_[std::size_t(t) * H_], H_);
+        g.sq = dot(out, out, H_);
+        g.has_dots = true;
       }
-      result.main = groups_.main_weight[t] * (delta * scratch.gate_row_dot_r + 0.5 * delta * delta * scratch.gate_row_sq);
+      result.main = groups_.main_weight[t] * (delta * g.dot_r + 0.5 * delta * delta * g.sq);
     }
     return result;
   }
-  // Layer l+1's logits move by delta (out_l[t, s] W_{l+1}).
-  double* dz = scratch.dz.data();
-  if (!next_logits_of_out_.empty()) {
-    const double* P = &next_logits_of_out_[l][(std::size_t(t) * k_ + s) * E_];
-    for (int e = 0; e < E_; ++e) dz[e] = delta * P[e];
+  // Layer l+1's logits move by delta (out_l[t, s] W_{l+1}), from the products when they are there.
+  const double* P = nextLogitProducts(l, t);
+  const bool dz_given = P != nullptr;
+  if (dz_given) {
+    const double* row = P + std::size_t(s) * E_;
+    double* dz = scratch.dz.data();
+    for (int e = 0; e < E_; ++e) dz[e] = delta * row[e];
   }
-  const bool dz_given = !next_logits_of_out_.empty();
   if (basis == nullptr || !include_main || l + 2 != L_) {
     const double* out = gateOutput(l, t, s, scratch);
     for (int i = 0; i < H_; ++i) scratch.dh[i] = delta * out[i];

@@ -104,7 +104,9 @@ class ForwardCache {
 
  private:
   void forwardLayer(int l, bool experts);
-  // expertOutput of (l, t, s), computed once for consecutive calls (scratch.gate_row).
+  // Token t's rows [k, E] of out_l[t, s] W_{l+1} (prepareSuffixProducts), or null when not prepared.
+  const double* nextLogitProducts(int l, Index t) const;
+  // expertOutput of (l, t, s), found once for consecutive calls (scratch.gate).
   const double* gateOutput(int l, Index t, int s, Scratch& scratch) const;
   // One layer of a propagation: from the logit changes dz (or, when given, their expm1) to the
   // layer's aux+z change (added to delta) and, when `later`, the hidden change entering layer l+1

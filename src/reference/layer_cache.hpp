@@ -144,13 +144,16 @@ struct Scratch {
   std::vector<char> psi_flipped;
   std::vector<double> basis_coeff;  // [2k + kF] coefficients on a TokenSuffixBasis (forward_cache.hpp)
   std::vector<double> out_row;      // [H] an expert output row being recomputed
-  std::vector<double> gate_row;     // [H] the expert output of the gate being differenced, and which:
-  int gate_row_layer = -1, gate_row_slot = -1;
-  Index gate_row_token = -1;
-  // o.r and o.o of the last-layer gate (dots_layer, dots_token, dots_slot) being differenced.
-  int dots_layer = -1, dots_slot = -1;
-  Index dots_token = -1;
-  double gate_row_dot_r = 0.0, gate_row_sq = 0.0;
+  std::vector<double> gate_row;     // [H] buffer for a recomputed gate output row
+  // The gate (layer, token, slot) being differenced: its expert output row (kept or in gate_row) and,
+  // once computed for a last-layer gate, o.r and o.o.
+  struct Gate {
+    int layer = -1, slot = -1;
+    Index token = -1;
+    const double* row = nullptr;
+    bool has_dots = false;
+    double dot_r = 0.0, sq = 0.0;
+  } gate;
   Scratch(int H, int E, int k, int F)
       : dh(H), dh_next(H), dz(E), em(E), ds(E), dg(k), dnum(k), dpre(std::max(F, 1)), du(std::max(F, 1)),
         marked(E, 0), psi_aux(k), psi_main(k), psi_aux_err(k), psi_main_err(k), dg_up(k), dg_down(k),

@@ -5,26 +5,12 @@
 #include <exception>
 #include <thread>
 
-#include <dlfcn.h>
-
+#include "common/blas_threads.hpp"
 #include "common/errors.hpp"
 #include "sim/rank_program.hpp"
 
 namespace moe {
 namespace {
-
-// OpenBLAS's own thread count (LibTorch's at::set_num_threads does not reach it). Looked up at run
-// time because the system BLAS may be another implementation; returns -1 when it is not OpenBLAS.
-int setBlasThreads(int n) {
-  using Getter = int (*)();
-  using Setter = void (*)(int);
-  auto get = reinterpret_cast<Getter>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-  auto set = reinterpret_cast<Setter>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-  if (get == nullptr || set == nullptr) return -1;
-  const int previous = get();
-  set(n);
-  return previous;
-}
 
 bool isAbortEcho(const std::exception_ptr& error) {
   try {

@@ -27,6 +27,7 @@
 #include "data/problem.hpp"
 #include "data/problem_io.hpp"
 #include "data/safetensors.hpp"
+#include "file_utils.hpp"
 #include "scenario/scenario.hpp"
 
 namespace moe::badinput {
@@ -56,17 +57,8 @@ inline void PrintTo(const BadInputCase& row, std::ostream* os) { *os << row.name
 
 // ------------------------------------------------------------------------------------ helpers
 
-inline void writeFileBytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << bytes;
-}
-
-inline std::string readFileBytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using test::readText;
+using test::writeText;
 
 // `text` with the first `from` replaced by `to` (the row's own edit; throws if `from` is absent so a
 // row cannot silently test the valid input).
@@ -103,7 +95,7 @@ inline std::string skipIfReadable(const fs::path& path) {
 // A scenario file `scenario.json` in `dir` with `text`; the message must name it.
 inline BuiltInput scenarioRow(const fs::path& dir, const std::string& text, std::vector<std::string> expected) {
   const fs::path path = dir / "scenario.json";
-  writeFileBytes(path, text);
+  writeText(path, text);
   expected.insert(expected.begin(), path.string());
   return {path.string(), expected, ""};
 }
@@ -112,7 +104,7 @@ inline BuiltInput scenarioRow(const fs::path& dir, const std::string& text, std:
 // scenario naming it; returns the scenario's path.
 inline fs::path writeScenarioWithData(const fs::path& dir) {
   const std::string text = validScenarioText(R"(, "safetensors": "data.safetensors")");
-  writeFileBytes(dir / "scenario.json", text);
+  writeText(dir / "scenario.json", text);
   Scenario scenario = parseScenarioText(validScenarioText(), (dir / "scenario.json").string());
   dumpProblemAndGradients((dir / "data.safetensors").string(), generateProblem(scenario), {}, {});
   return dir / "scenario.json";
@@ -140,7 +132,7 @@ inline BuiltInput dataRow(const fs::path& dir, const std::function<std::string(s
                           std::vector<std::string> expected) {
   const fs::path scenario = writeScenarioWithData(dir);
   const fs::path data = dir / "data.safetensors";
-  writeFileBytes(data, edit(readFileBytes(data)));
+  writeText(data, edit(readText(data)));
   expected.insert(expected.begin(), data.string());
   return {scenario.string(), expected, ""};
 }
@@ -156,11 +148,11 @@ inline std::function<std::string(std::string)> editTensors(std::function<void(st
                                                            const fs::path& scratch) {
   return [change, scratch](std::string bytes) {
     const fs::path tmp = scratch / "tensors.tmp";
-    writeFileBytes(tmp, bytes);
+    writeText(tmp, bytes);
     std::vector<NamedTensor> tensors = readSafetensors(tmp.string());
     change(tensors);
     writeSafetensors(tmp.string(), tensors);
-    std::string out = readFileBytes(tmp);
+    std::string out = readText(tmp);
     fs::remove(tmp);
     return out;
   };
@@ -178,7 +170,7 @@ inline BuiltInput captureRow(const fs::path& dir, const std::function<std::strin
   const fs::path capture = dir / "capture";
   writeCapture(capture.string(), testjob::buildJob(testjob::JobShape{}));
   const fs::path rank1 = capture / "rank1.safetensors";
-  writeFileBytes(rank1, edit(readFileBytes(rank1)));
+  writeText(rank1, edit(readText(rank1)));
   expected.insert(expected.begin(), rank1.string());
   return {capture.string(), expected, ""};
 }
@@ -381,7 +373,7 @@ inline std::vector<BadInputCase> badInputCases() {
                     return in;
                   }});
   rows.push_back({"CaptureDirectoryIsAFile", K::kCapture, [](const fs::path& dir) {
-                    writeFileBytes(dir / "capture", "not a directory");
+                    writeText(dir / "capture", "not a directory");
                     return BuiltInput{(dir / "capture").string(), {(dir / "capture").string(), "a file"}, ""};
                   }});
   return rows;

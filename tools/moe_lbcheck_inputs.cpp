@@ -87,15 +87,5 @@ int main(int argc, char** argv) {
                   "Safetensors file", readSafetensorsInput, exit_code);
   addInputCommand(app, "capture", "A capture directory (rank files and the capture contract)",
                   "Capture directory", readCaptureInput, exit_code);
-  const int unknown =
-      moe::cli::rejectUnknownSubcommand(app, argc, argv, kProgram, "scenario, safetensors or capture");
-  if (unknown >= 0) return unknown;
-  try {
-    app.parse(argc, argv);
-    return exit_code;
-  } catch (const CLI::ParseError& e) {
-    return moe::cli::exitCodeOfParseError(app, e);
-  } catch (const std::exception& e) {
-    return moe::cli::exitCodeOfError(e, kProgram);
-  }
+  return moe::cli::parseAndRun(app, argc, argv, kProgram, "scenario, safetensors or capture", exit_code);
 }

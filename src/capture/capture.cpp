@@ -12,16 +12,16 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
 #include <thread>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 #include "capture/capture_manifest.hpp"
 #include "capture/float_formats.hpp"
@@ -135,27 +135,12 @@ enum class Role { kWeight, kGrad, kExpertBias, kInput, kSequence, kPosition, kVa
 constexpr Role kMicrobatchRoles[] = {Role::kInput, Role::kSequence, Role::kPosition, Role::kValid,
                                      Role::kTopk};
 
-const char* suffixOf(Role role) {
-  switch (role) {
-    case Role::kWeight:
-      return "weight";
-    case Role::kGrad:
-      return "weight.grad";
-    case Role::kExpertBias:
-      return "expert_bias";
-    case Role::kInput:
-      return "input";
-    case Role::kSequence:
-      return "sequence";
-    case Role::kPosition:
-      return "position";
-    case Role::kValid:
-      return "valid";
-    case Role::kTopk:
-      return "topk";
-  }
-  return "";
-}
+// The tensor-name suffix of each role, indexed by the role's value.
+constexpr const char* kRoleSuffixes[] = {"weight",   "weight.grad", "expert_bias", "input",
+                                         "sequence", "position",    "valid",       "topk"};
+static_assert(std::size(kRoleSuffixes) == static_cast<std::size_t>(Role::kTopk) + 1);
+
+const char* suffixOf(Role role) { return kRoleSuffixes[static_cast<std::size_t>(role)]; }
 
 std::string tensorName(std::int64_t layer, Role role, std::int64_t microbatch = -1) {
   std::string name = "layer" + std::to_string(layer) + ".";
@@ -908,19 +893,7 @@ void requireSameTokenSets(const std::vector<CaptureLayer>& layers, const std::ve
 
 }  // namespace
 
-const char* toString(CaptureFloat dtype) {
-  switch (dtype) {
-    case CaptureFloat::kF64:
-      return "F64";
-    case CaptureFloat::kF32:
-      return "F32";
-    case CaptureFloat::kBF16:
-      return "BF16";
-    case CaptureFloat::kF16:
-      return "F16";
-  }
-  return "invalid";
-}
+const char* toString(CaptureFloat dtype) { return captureFloatFormat(dtype).name; }
 
 void CaptureLayer::readRows(std::int64_t begin, std::int64_t count, double* out) const {
   if (begin < 0 || count < 0 || begin > static_cast<std::int64_t>(tokens.size()) ||

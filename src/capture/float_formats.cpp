@@ -71,10 +71,9 @@ std::int64_t firstNonFiniteOf(const std::uint8_t* data, std::size_t count) {
 }  // namespace
 
 bool parseCaptureFloat(const std::string& safetensors_dtype, CaptureFloat& out) {
-  for (CaptureFloat dtype :
-       {CaptureFloat::kF64, CaptureFloat::kF32, CaptureFloat::kBF16, CaptureFloat::kF16}) {
-    if (safetensors_dtype == toString(dtype)) {
-      out = dtype;
+  for (const CaptureFloatFormat& format : kCaptureFloatFormats) {
+    if (safetensors_dtype == format.name) {
+      out = format.dtype;
       return true;
     }
   }
@@ -175,21 +174,7 @@ std::uint64_t ulpDistance(const std::uint8_t* a, const std::uint8_t* b, std::siz
 
 double ulpOf(CaptureFloat dtype, double x) {
   const int precision = captureFloatPrecision(dtype);
-  int min_exponent = 0;  // of the smallest normal number
-  switch (dtype) {
-    case CaptureFloat::kF64:
-      min_exponent = -1022;
-      break;
-    case CaptureFloat::kF32:
-      min_exponent = -126;
-      break;
-    case CaptureFloat::kBF16:
-      min_exponent = -126;
-      break;
-    case CaptureFloat::kF16:
-      min_exponent = -14;
-      break;
-  }
+  const int min_exponent = captureFloatFormat(dtype).min_exponent;  // of the smallest normal number
   int binary_exponent = 0;
   std::frexp(std::fabs(x), &binary_exponent);  // |x| in [2^(e-1), 2^e)
   const int exponent = x == 0.0 ? min_exponent : std::max(binary_exponent - 1, min_exponent);

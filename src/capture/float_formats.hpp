@@ -15,25 +15,32 @@
 
 namespace moe {
 
-// Bytes per element: 8, 4, 2, 2.
-constexpr std::size_t captureFloatSize(CaptureFloat dtype) {
-  return dtype == CaptureFloat::kF64 ? 8 : dtype == CaptureFloat::kF32 ? 4 : 2;
+// One row per element type: its safetensors name, bytes per element, significand bits including the
+// implicit one (the finer a type, the larger) and the exponent of its smallest normal number.
+struct CaptureFloatFormat {
+  CaptureFloat dtype;
+  const char* name;
+  std::size_t bytes;
+  int precision;
+  int min_exponent;
+};
+inline constexpr CaptureFloatFormat kCaptureFloatFormats[] = {
+    {CaptureFloat::kF64, "F64", 8, 53, -1022},
+    {CaptureFloat::kF32, "F32", 4, 24, -126},
+    {CaptureFloat::kBF16, "BF16", 2, 8, -126},
+    {CaptureFloat::kF16, "F16", 2, 11, -14},
+};
+constexpr const CaptureFloatFormat& captureFloatFormat(CaptureFloat dtype) {
+  for (const CaptureFloatFormat& format : kCaptureFloatFormats)
+    if (format.dtype == dtype) return format;
+  return kCaptureFloatFormats[0];
 }
 
-// Significand bits including the implicit one (53, 24, 8, 11): the finer a type, the larger.
-constexpr int captureFloatPrecision(CaptureFloat dtype) {
-  switch (dtype) {
-    case CaptureFloat::kF64:
-      return 53;
-    case CaptureFloat::kF32:
-      return 24;
-    case CaptureFloat::kBF16:
-      return 8;
-    case CaptureFloat::kF16:
-      return 11;
-  }
-  return 53;
-}
+// Bytes per element: 8, 4, 2, 2.
+constexpr std::size_t captureFloatSize(CaptureFloat dtype) { return captureFloatFormat(dtype).bytes; }
+
+// Significand bits including the implicit one (53, 24, 8, 11).
+constexpr int captureFloatPrecision(CaptureFloat dtype) { return captureFloatFormat(dtype).precision; }
 
 // The safetensors dtype name ("F64", "F32", "BF16", "F16") as a CaptureFloat; false for any other.
 bool parseCaptureFloat(const std::string& safetensors_dtype, CaptureFloat& out);
@@ -42,22 +49,21 @@ bool parseCaptureFloat(const std::string& safetensors_dtype, CaptureFloat& out);
 inline std::uint16_t loadLittleEndian16(const std::uint8_t* p) {
   return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
 }
-inline std::uint32_t loadLittleEndian32(const std::uint8_t* p) {
-  std::uint32_t v;
-  std::memcpy(&v, p, 4);
+// Unsigned loads of 4 or 8 bytes (std::uint32_t, std::uint64_t).
+template <typename Unsigned>
+Unsigned loadLittleEndian(const std::uint8_t* p) {
+  Unsigned v;
+  std::memcpy(&v, p, sizeof(Unsigned));
 #if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap32(v);
+  if constexpr (sizeof(Unsigned) == 8)
+    v = __builtin_bswap64(v);
+  else
+    v = __builtin_bswap32(v);
 #endif
   return v;
 }
-inline std::uint64_t loadLittleEndian64(const std::uint8_t* p) {
-  std::uint64_t v;
-  std::memcpy(&v, p, 8);
-#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap64(v);
-#endif
-  return v;
-}
+inline std::uint32_t loadLittleEndian32(const std::uint8_t* p) { return loadLittleEndian<std::uint32_t>(p); }
+inline std::uint64_t loadLittleEndian64(const std::uint8_t* p) { return loadLittleEndian<std::uint64_t>(p); }
 
 // bfloat16 is the upper half of a binary32: widening is a shift, exact for every pattern.
 inline float bf16ToFloat(std::uint16_t bits) {

@@ -21,9 +21,18 @@ CheckResult finding(const std::string& name, CheckKind kind, const std::string& 
   c.name = name;
   c.kind = kind;
   c.informational = true;
-  c.ok = true;
   c.method = method;
   return c;
+}
+
+// A diagnosis that names no factor (every one but the scaled aux gradient's).
+Diagnosis diagnosisOf(DiagnosisCode code, double value, std::string cause, std::string fix) {
+  Diagnosis d;
+  d.code = code;
+  d.value = value;
+  d.cause = std::move(cause);
+  d.fix = std::move(fix);
+  return d;
 }
 
 }  // namespace
@@ -46,13 +55,12 @@ CheckResult checkMainGradient(int layer, const std::vector<double>& mesh, const 
   c.layer = layer;
   c.method = method;
   if (!c.ok) {
-    c.diagnosis.code = DiagnosisCode::kMainGradMismatch;
-    c.diagnosis.value = c.scale;
-    c.diagnosis.cause = fmt::format(
-        "the main-loss gradient (aux coefficient 0) differs from the reference (scale {:.9g}, cosine "
-        "{:.9f}): the control shows the mesh itself, not only its aux path, is off",
-        c.scale, c.cosine);
-    c.diagnosis.fix = "check the main-loss normalization and the gradient reduction of the preset";
+    c.diagnosis = diagnosisOf(
+        DiagnosisCode::kMainGradMismatch, c.scale,
+        fmt::format("the main-loss gradient (aux coefficient 0) differs from the reference (scale {:.9g}, cosine "
+                    "{:.9f}): the control shows the mesh itself, not only its aux path, is off",
+                    c.scale, c.cosine),
+        "check the main-loss normalization and the gradient reduction of the preset");
   }
   return c;
 }
@@ -62,13 +70,12 @@ CheckResult checkCoeffLinearity(const std::vector<double>& g1, const std::vector
   c.kind = CheckKind::kCoeffLinearity;
   c.method = "mesh at 2 alpha against 2 x mesh at alpha";
   if (!c.ok) {
-    c.diagnosis.code = DiagnosisCode::kAuxCoeffNonlinear;
-    c.diagnosis.value = 2.0 * c.scale;
-    c.diagnosis.cause = fmt::format(
-        "doubling the aux coefficient multiplies the aux gradient by {:.9g}, not 2: the coefficient is "
-        "not multiplied into the injected loss (NeMo Automodel #1408: used only as a > 0 gate)",
-        2.0 * c.scale);
-    c.diagnosis.fix = "multiply the aux loss by its coefficient before injecting it";
+    c.diagnosis = diagnosisOf(
+        DiagnosisCode::kAuxCoeffNonlinear, 2.0 * c.scale,
+        fmt::format("doubling the aux coefficient multiplies the aux gradient by {:.9g}, not 2: the coefficient is "
+                    "not multiplied into the injected loss (NeMo Automodel #1408: used only as a > 0 gate)",
+                    2.0 * c.scale),
+        "multiply the aux loss by its coefficient before injecting it");
   }
   return c;
 }
@@ -88,52 +95,44 @@ std::optional<CheckResult> findObjectiveNotInvariant(double a, double b) {
   if (!(rel > 1e-12)) return std::nullopt;
   CheckResult c = finding("objective/layout_invariance", CheckKind::kObjectiveInvariance,
                           "reference objective at this mesh against one group of the whole batch");
-  c.diagnosis.code = DiagnosisCode::kObjectiveNotInvariant;
-  c.diagnosis.value = rel;
-  c.diagnosis.cause = fmt::format(
-      "the micro_batch aux objective is defined per (DP replica, microbatch) group, so it changes with dp "
-      "and M by definition: J = {:.12g} on this mesh, {:.12g} as one group (relative difference {:.3g}). "
-      "Not a scaling bug: a property of the objective",
-      a, b, rel);
-  c.diagnosis.fix = "use aux.type global_batch (Qwen, arXiv 2501.11873) or sequence when the balancing must "
-                    "not depend on the parallel layout";
+  c.diagnosis = diagnosisOf(
+      DiagnosisCode::kObjectiveNotInvariant, rel,
+      fmt::format("the micro_batch aux objective is defined per (DP replica, microbatch) group, so it changes with dp "
+                  "and M by definition: J = {:.12g} on this mesh, {:.12g} as one group (relative difference {:.3g}). "
+                  "Not a scaling bug: a property of the objective",
+                  a, b, rel),
+      "use aux.type global_batch (Qwen, arXiv 2501.11873) or sequence when the balancing must "
+      "not depend on the parallel layout");
   return c;
 }
 
 CheckResult findObjectiveWeighting(const std::vector<double>& mesh, const std::vector<double>& uniform_reference,
                                    double rtol, const std::string& preset) {
-  const CheckResult cmp = compareVectors("objective/group_weighting", mesh, uniform_reference, rtol, 0.0);
-  CheckResult c = finding("objective/group_weighting", CheckKind::kObjectiveWeighting,
-                          "mesh aux gradient against the reference with aux groups weighted uniformly");
-  c.scale = cmp.scale;
-  c.cosine = cmp.cosine;
-  c.max_abs_err = cmp.max_abs_err;
-  c.max_rel_err = cmp.max_rel_err;
-  c.rtol = rtol;
-  c.elements = cmp.elements;
-  c.wrong = cmp.wrong;
-  c.diagnosis.code = DiagnosisCode::kObjectiveWeighting;
-  c.diagnosis.value = cmp.cosine;
-  c.diagnosis.cause = fmt::format(
-      "preset {} weighs each aux group by its share of the tokens (sum_G T_G L_G / sum T), and the groups "
-      "here hold different numbers of tokens: against DeepSeek-V3's uniform mean over groups the gradient "
-      "has scale {:.9g} and cosine {:.10f}. Not a bug of the mesh: the objective the framework computes",
-      preset, cmp.scale, cmp.cosine);
-  c.diagnosis.fix = "set aux.group_weighting to \"tokens\" to check this objective explicitly, or to "
-                    "\"uniform\" to check the framework against the uniform mean";
+  CheckResult c = compareVectors("objective/group_weighting", mesh, uniform_reference, rtol, 0.0);
+  c.kind = CheckKind::kObjectiveWeighting;
+  c.informational = true;
+  c.ok = true;  // a property of the objective, not a failure
+  c.method = "mesh aux gradient against the reference with aux groups weighted uniformly";
+  c.diagnosis = diagnosisOf(
+      DiagnosisCode::kObjectiveWeighting, c.cosine,
+      fmt::format("preset {} weighs each aux group by its share of the tokens (sum_G T_G L_G / sum T), and the groups "
+                  "here hold different numbers of tokens: against DeepSeek-V3's uniform mean over groups the gradient "
+                  "has scale {:.9g} and cosine {:.10f}. Not a bug of the mesh: the objective the framework computes",
+                  preset, c.scale, c.cosine),
+      "set aux.group_weighting to \"tokens\" to check this objective explicitly, or to "
+      "\"uniform\" to check the framework against the uniform mean");
   return c;
 }
 
 std::optional<CheckResult> findRoutingMargins(std::int64_t frozen) {
   if (frozen <= 0) return std::nullopt;
   CheckResult c = finding("reference/routing_margins", CheckKind::kRoutingMargins, "top-k margin of every perturbed logit");
-  c.diagnosis.code = DiagnosisCode::kFdUnreliable;
-  c.diagnosis.value = static_cast<double>(frozen);
-  c.diagnosis.cause = fmt::format(
-      "{} logits have a top-k margin below the smallest FD step (near-ties); their derivatives were taken "
-      "with the routing frozen, which is the gradient of the current routing piece",
-      frozen);
-  c.diagnosis.fix = "no action needed unless the checks fail; a different seed avoids the ties";
+  c.diagnosis = diagnosisOf(
+      DiagnosisCode::kFdUnreliable, static_cast<double>(frozen),
+      fmt::format("{} logits have a top-k margin below the smallest FD step (near-ties); their derivatives were taken "
+                  "with the routing frozen, which is the gradient of the current routing piece",
+                  frozen),
+      "no action needed unless the checks fail; a different seed avoids the ties");
   return c;
 }
 
@@ -169,15 +168,15 @@ CheckResult checkReplicas(int layer, const std::vector<ReplicaGradient>& replica
   if (c.ok) return c;
   std::string ranks;
   for (int r : divergent) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-  c.diagnosis.code = DiagnosisCode::kReplicaDivergence;
-  c.diagnosis.value = worst.max_rel_err;
-  c.diagnosis.cause = fmt::format(
-      "ranks {} hold a different layer-{} router gradient than rank {} (worst: scale {:.9g}, cosine {:.10f}, max "
-      "relative difference {:.3g}): a gradient all-reduce was skipped or its result overwritten on those ranks, "
-      "or a partial gradient was treated as replicated (Megatron-LM #599, torchtitan #2387)",
-      ranks, layer, replicas.front().rank, worst.scale, worst.cosine, worst.max_rel_err);
-  c.diagnosis.fix = "reduce the router gradient over every rank that holds the replica (the DP group, and TP "
-                    "where tokens are split over TP) before the optimizer step";
+  c.diagnosis = diagnosisOf(
+      DiagnosisCode::kReplicaDivergence, worst.max_rel_err,
+      fmt::format(
+          "ranks {} hold a different layer-{} router gradient than rank {} (worst: scale {:.9g}, cosine {:.10f}, max "
+          "relative difference {:.3g}): a gradient all-reduce was skipped or its result overwritten on those ranks, "
+          "or a partial gradient was treated as replicated (Megatron-LM #599, torchtitan #2387)",
+          ranks, layer, replicas.front().rank, worst.scale, worst.cosine, worst.max_rel_err),
+      "reduce the router gradient over every rank that holds the replica (the DP group, and TP "
+      "where tokens are split over TP) before the optimizer step");
   return c;
 }
 
@@ -188,14 +187,13 @@ CheckResult findRoutingDifferences(int layer, std::int64_t differing, std::int64
   c.elements = rows;
   c.wrong = differing;  // the value: rows whose recorded top-k differs (#wrong/elements)
   if (differing == 0) return c;
-  c.diagnosis.code = DiagnosisCode::kRoutingDiffers;
-  c.diagnosis.value = static_cast<double>(differing);
-  c.diagnosis.cause = fmt::format(
-      "{} of {} rows were routed to experts other than the top-k of their recorded scores (capacity drops, "
-      "an expert bias not recorded, or ties); the reference uses the job's own routing",
-      differing, rows);
-  c.diagnosis.fix = fmt::format(
-      "no action needed unless unexpected; record layer{}.expert_bias when the job selects with a bias", layer);
+  c.diagnosis = diagnosisOf(
+      DiagnosisCode::kRoutingDiffers, static_cast<double>(differing),
+      fmt::format("{} of {} rows were routed to experts other than the top-k of their recorded scores (capacity drops, "
+                  "an expert bias not recorded, or ties); the reference uses the job's own routing",
+                  differing, rows),
+      fmt::format("no action needed unless unexpected; record layer{}.expert_bias when the job selects with a bias",
+                  layer));
   return c;
 }
 

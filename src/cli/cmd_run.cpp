@@ -10,6 +10,7 @@
 #include "app/check_run.hpp"
 #include "cli/commands.hpp"
 #include "cli/overrides.hpp"
+#include "cli/report_output.hpp"
 #include "common/errors.hpp"
 #include "data/problem_io.hpp"
 #include "report/reporters.hpp"
@@ -20,11 +21,9 @@ struct RunOptions {
   std::string scenario;
   ScenarioOverrides overrides;
   BackendOptions backend;
-  std::string report_json;
-  std::string junit_xml;
+  ReportOutputOptions output;
   std::string dump_safetensors;
   std::string capture_dir;
-  bool quiet = false;
 };
 
 // Rank 0's (or the emulated process's) part: the checks, then every output rendered first and
@@ -34,12 +33,8 @@ int leadRun(const RunOptions& opt, const Scenario& sc, MeshBackend& backend) {
   CheckRunOptions run_options;
   run_options.capture = !opt.capture_dir.empty();
   CheckRunOutput out = runChecks(sc, backend, run_options);
-  const std::string console_text = renderReport(out.report, ReportFormat::kConsole, ConsoleOptions{opt.quiet});
-  std::string json_text, junit_text;
-  if (!opt.report_json.empty()) json_text = renderReport(out.report, ReportFormat::kJson);
-  if (!opt.junit_xml.empty()) junit_text = renderReport(out.report, ReportFormat::kJUnit);
-  const std::vector<std::string> written =
-      writeFilesAtomically({{opt.report_json, json_text}, {opt.junit_xml, junit_text}});
+  const std::string console_text = renderReport(out.report, ReportFormat::kConsole, ConsoleOptions{opt.output.quiet});
+  const std::vector<std::string> written = writeReportFiles(out.report, opt.output);
   try {
     if (!opt.dump_safetensors.empty())
       dumpProblemAndGradients(opt.dump_safetensors, out.data, out.reference_aux_grad, out.mesh_aux_grad);
@@ -71,14 +66,12 @@ void setupRunCommand(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sub->add_option("--nproc", opt->backend.nproc, "Processes to launch for gloo/nccl (default: world size)")
       ->check(CLI::PositiveNumber);
-  sub->add_option("--report", opt->report_json, "Write the JSON report (schema_version 1) here");
-  sub->add_option("--junit", opt->junit_xml, "Write JUnit XML (one testcase per check) here");
   sub->add_option("--dump", opt->dump_safetensors,
                   "Write inputs, weights and both aux gradients as float64 safetensors here");
   sub->add_option("--capture", opt->capture_dir,
                   "Also write the mesh's step as a capture (router inputs detached, main loss x 0) into this new "
                   "directory, for `moe-lbcheck verify`");
-  sub->add_flag("-q,--quiet", opt->quiet, "Print only failures and the footer");
+  addReportOutputOptions(*sub, opt->output, "run", "check", "Print only failures and the footer");
   sub->callback([opt, &exit_code] { exit_code = runRun(*opt); });
 }
 

@@ -1,14 +1,14 @@
 // `moe-lbcheck sweep SCENARIO.json --world N`: every dp x pp x cp (x M) layout the scenario allows.
+#include <fmt/format.h>
+
 #include <iostream>
 #include <memory>
-#include <sstream>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "app/sweep.hpp"
 #include "cli/commands.hpp"
 #include "cli/overrides.hpp"
+#include "cli/report_output.hpp"
 #include "common/errors.hpp"
 #include "report/reporters.hpp"
 #include "sim/emulated_backend.hpp"
@@ -20,9 +20,7 @@ struct SweepCliOptions {
   int world = 0;
   bool fixed_microbatches = false;
   ScenarioOverrides overrides;
-  std::string report_json;
-  std::string junit_xml;
-  bool quiet = false;
+  ReportOutputOptions output;
 };
 
 int runSweepCommand(const SweepCliOptions& opt) {
@@ -32,20 +30,13 @@ int runSweepCommand(const SweepCliOptions& opt) {
   options.world = opt.world;
   options.all_microbatches = !opt.fixed_microbatches;
   planSweep(sc, options);  // no valid layout: exit 2 before any output
-  std::ostringstream console, json, junit;
-  ConsoleReporter console_reporter(console);
-  JsonReporter json_reporter(json);
-  JUnitReporter junit_reporter(junit);
+  StreamedReport rendered;
   EmulatedBackend backend;
-  const Report report = runSweep(sc, options, backend, {&console_reporter, &json_reporter, &junit_reporter},
-                                 [&](int i, int n, const MeshConfig& m) {
-                                   if (!opt.quiet)
-                                     std::cerr << fmt::format("[{}/{}] dp={} pp={} cp={} M={}\n", i + 1, n, m.dp, m.pp,
-                                                              m.cp, m.microbatches);
-                                 });
-  writeFilesAtomically({{opt.report_json, json.str()}, {opt.junit_xml, junit.str()}});
-  std::cout << console.str() << std::flush;
-  return report.summary.verdict == Verdict::kPass ? 0 : static_cast<int>(ExitCode::kCheckFailed);
+  const Report report = runSweep(sc, options, backend, rendered.reporters(), [&](int i, int n, const MeshConfig& m) {
+    if (!opt.output.quiet)
+      std::cerr << fmt::format("[{}/{}] dp={} pp={} cp={} M={}\n", i + 1, n, m.dp, m.pp, m.cp, m.microbatches);
+  });
+  return rendered.emit(report, opt.output);
 }
 
 void setupSweepCommand(CLI::App& app, int& exit_code) {
@@ -56,9 +47,7 @@ void setupSweepCommand(CLI::App& app, int& exit_code) {
   sub->add_flag("--fixed-microbatches", opt->fixed_microbatches,
                 "Keep the scenario's microbatch count instead of trying every count the batch allows");
   addOverrideOptions(*sub, opt->overrides);
-  sub->add_option("--report", opt->report_json, "Write the sweep as JSON (schema_version 1) here");
-  sub->add_option("--junit", opt->junit_xml, "Write JUnit XML (one testcase per layout) here");
-  sub->add_flag("-q,--quiet", opt->quiet, "No progress on stderr");
+  addReportOutputOptions(*sub, opt->output, "sweep", "layout", "No progress on stderr");
   sub->callback([opt, &exit_code] { exit_code = runSweepCommand(*opt); });
 }
 

@@ -5,6 +5,7 @@
 
 #include "app/tool_info.hpp"
 #include "cli/commands.hpp"
+#include "cli/report_output.hpp"
 #include "common/errors.hpp"
 #include "report/reporters.hpp"
 #include "verify/verify.hpp"
@@ -13,11 +14,9 @@ namespace moe::cli {
 
 struct VerifyCliOptions {
   std::string capture_dir;
-  std::string report_json;
-  std::string junit_xml;
+  ReportOutputOptions output;
   double rtol = 0.0;
   std::string expect;
-  bool quiet = false;
 };
 
 int runVerifyCommand(const VerifyCliOptions& opt) {
@@ -26,11 +25,8 @@ int runVerifyCommand(const VerifyCliOptions& opt) {
   options.expect = parseExpectation(opt.expect);
   const Report report = verifyCaptureDirectory(opt.capture_dir, options, toolInfo());
   // Render everything first, then write: a failure never leaves a partial set of outputs.
-  const std::string console = renderReport(report, ReportFormat::kConsole, ConsoleOptions{opt.quiet});
-  std::string json, junit;
-  if (!opt.report_json.empty()) json = renderReport(report, ReportFormat::kJson);
-  if (!opt.junit_xml.empty()) junit = renderReport(report, ReportFormat::kJUnit);
-  writeFilesAtomically({{opt.report_json, json}, {opt.junit_xml, junit}});
+  const std::string console = renderReport(report, ReportFormat::kConsole, ConsoleOptions{opt.output.quiet});
+  writeReportFiles(report, opt.output);
   std::cout << console << std::flush;
   return report.summary.expectation_met ? 0 : static_cast<int>(ExitCode::kCheckFailed);
 }
@@ -39,8 +35,6 @@ void setupVerifyCommand(CLI::App& app, int& exit_code) {
   auto opt = std::make_shared<VerifyCliOptions>();
   CLI::App* sub = app.add_subcommand("verify", "Check the aux-loss gradient a real training job captured");
   sub->add_option("capture", opt->capture_dir, "Capture directory (rank{R}.safetensors per rank)")->required();
-  sub->add_option("--report", opt->report_json, "Write the JSON report (kind verify, schema_version 1) here");
-  sub->add_option("--junit", opt->junit_xml, "Write JUnit XML (one testcase per check) here");
   sub->add_option("--rtol", opt->rtol,
                   "Relative tolerance (default: from the coarser of the manifest's compute_dtype and the "
                   "gradient's dtype: float64 1e-7, float32 1e-4, float16 1e-2, bfloat16 0.2)")
@@ -48,7 +42,7 @@ void setupVerifyCommand(CLI::App& app, int& exit_code) {
   sub->add_option("--expect", opt->expect,
                   "What exit code 0 means, e.g. verdict=fail,diagnosis=AUX_GRAD_SCALED,factor=1/dp (default: "
                   "every check passes)");
-  sub->add_flag("-q,--quiet", opt->quiet, "Print only failures and the footer");
+  addReportOutputOptions(*sub, opt->output, "verify", "check", "Print only failures and the footer");
   sub->callback([opt, &exit_code] { exit_code = runVerifyCommand(*opt); });
 }
 

@@ -4,8 +4,25 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
 
 namespace moe::cli {
+
+// The report outputs every checking subcommand (run, verify, sweep, selftest) takes.
+struct ReportOutputOptions {
+  std::string report_json;  // --report: the JSON report; empty = not written
+  std::string junit_xml;    // --junit: JUnit XML; empty = not written
+  bool quiet = false;       // -q
+};
+
+// Adds --report, --junit and -q,--quiet. `kind` is the JSON report's kind, `testcase` what one JUnit
+// testcase stands for, `quiet_help` what -q leaves out.
+inline void addReportOutputOptions(CLI::App& sub, ReportOutputOptions& out, const std::string& kind,
+                                   const std::string& testcase, const std::string& quiet_help) {
+  sub.add_option("--report", out.report_json, "Write the JSON report (kind " + kind + ", schema_version 1) here");
+  sub.add_option("--junit", out.junit_xml, "Write JUnit XML (one testcase per " + testcase + ") here");
+  sub.add_flag("-q,--quiet", out.quiet, quiet_help);
+}
 
 // Each setup function adds its subcommand to `app`; when that subcommand is parsed, its callback
 // stores the run function's exit code in `exit_code`.

@@ -47,4 +47,21 @@ inline int exitCodeOfError(const std::exception& e, const std::string& program) 
   return static_cast<int>(ExitCode::kRuntimeFailure);
 }
 
+// The whole of a program's main() after its subcommands are set up: rejects an unknown subcommand,
+// parses (which runs the chosen subcommand's callback, which sets exit_code) and maps every error to
+// its exit code. This is the one place where the programs catch exceptions.
+inline int parseAndRun(CLI::App& app, int argc, char** argv, const std::string& program,
+                       const std::string& expected_subcommands, const int& exit_code) {
+  const int unknown = rejectUnknownSubcommand(app, argc, argv, program, expected_subcommands);
+  if (unknown >= 0) return unknown;
+  try {
+    app.parse(argc, argv);
+    return exit_code;
+  } catch (const CLI::ParseError& e) {
+    return exitCodeOfParseError(app, e);
+  } catch (const std::exception& e) {
+    return exitCodeOfError(e, program);
+  }
+}
+
 }  // namespace moe::cli

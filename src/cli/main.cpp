@@ -1,6 +1,7 @@
 // moe-lbcheck: checks the load-balancing aux-loss gradient a parallel mesh (or a captured real job)
-// produces against a single-device float64 finite-difference reference. See README.md. Every error is
-// caught here, and only here, and mapped to the exit codes of common/errors.hpp.
+// produces against a single-device float64 finite-difference reference. See README.md. Every error
+// reaches main() and is mapped there, by cli/error_exit.hpp's parseAndRun, to the exit codes of
+// common/errors.hpp.
 #include <iostream>
 #include <string>
 
@@ -21,15 +22,6 @@ int main(int argc, char** argv) {
   moe::cli::setupListCommand(app, exit_code);
   moe::cli::setupSelftestCommand(app, exit_code);
   moe::cli::setupVerifyCommand(app, exit_code);
-  const int unknown = moe::cli::rejectUnknownSubcommand(
-      app, argc, argv, "moe-lbcheck", "run, verify, sweep, validate, list or selftest");
-  if (unknown >= 0) return unknown;
-  try {
-    app.parse(argc, argv);
-    return exit_code;
-  } catch (const CLI::ParseError& e) {
-    return moe::cli::exitCodeOfParseError(app, e);
-  } catch (const std::exception& e) {
-    return moe::cli::exitCodeOfError(e, "moe-lbcheck");
-  }
+  return moe::cli::parseAndRun(app, argc, argv, "moe-lbcheck", "run, verify, sweep, validate, list or selftest",
+                               exit_code);
 }

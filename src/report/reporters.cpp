@@ -197,7 +197,8 @@ void writeFaultRow(std::ostream& out, const CheckResult& row) {
 
 // ---------------------------------------------------------------- console
 
-ConsoleReporter::ConsoleReporter(std::ostream& out, ConsoleOptions options) : out_(out), options_(options) {}
+ConsoleReporter::ConsoleReporter(std::ostream& out, ConsoleOptions options)
+    : CollectingReporter(out), options_(options) {}
 
 void ConsoleReporter::reportContext(const ReportContext& context) {
   context_ = context;
@@ -265,7 +266,7 @@ void ConsoleReporter::reportContext(const ReportContext& context) {
 }
 
 void ConsoleReporter::reportRows(const std::vector<CheckResult>& rows) {
-  rows_.insert(rows_.end(), rows.begin(), rows.end());
+  CollectingReporter::reportRows(rows);
   std::ostream& out = out_;
   switch (context_.kind) {
     case ReportKind::kSweep:
@@ -482,14 +483,6 @@ ordered_json faultCaseJson(const CheckResult& row) {
 
 }  // namespace
 
-JsonReporter::JsonReporter(std::ostream& out, JsonOptions options) : out_(out), options_(options) {}
-
-void JsonReporter::reportContext(const ReportContext& context) { context_ = context; }
-
-void JsonReporter::reportRows(const std::vector<CheckResult>& rows) {
-  rows_.insert(rows_.end(), rows.begin(), rows.end());
-}
-
 void JsonReporter::finalize(const ReportSummary& summary) {
   const ReportContext& c = context_;
   ordered_json j;
@@ -610,14 +603,6 @@ void writeProperty(std::ostream& out, const std::string& name, const std::string
 }
 
 }  // namespace
-
-JUnitReporter::JUnitReporter(std::ostream& out) : out_(out) {}
-
-void JUnitReporter::reportContext(const ReportContext& context) { context_ = context; }
-
-void JUnitReporter::reportRows(const std::vector<CheckResult>& rows) {
-  rows_.insert(rows_.end(), rows.begin(), rows.end());
-}
 
 void JUnitReporter::finalize(const ReportSummary& summary) {
   std::ostream& out = out_;

@@ -25,6 +25,22 @@ class Reporter {
   virtual void finalize(const ReportSummary& summary) = 0;
 };
 
+// A reporter that keeps the context and every row for its finalize (what JSON and JUnit need whole,
+// and what the console footer counts); out is the stream it writes to.
+class CollectingReporter : public Reporter {
+ public:
+  explicit CollectingReporter(std::ostream& out) : out_(out) {}
+  void reportContext(const ReportContext& context) override { context_ = context; }
+  void reportRows(const std::vector<CheckResult>& rows) override {
+    rows_.insert(rows_.end(), rows.begin(), rows.end());
+  }
+
+ protected:
+  std::ostream& out_;
+  ReportContext context_;
+  std::vector<CheckResult> rows_;
+};
+
 // Feeds a whole report to a reporter: context, all rows, summary.
 void writeReport(const Report& report, Reporter& reporter);
 
@@ -39,18 +55,15 @@ struct ConsoleOptions {
 // ("sweep: OK (N layouts...", "selftest: OK (N faults flagged...") and, for run and verify,
 //   "# expectation: met" / "# expectation: not met (detail)".
 // N counts the rows that decide the verdict (informational ones are listed separately).
-class ConsoleReporter : public Reporter {
+class ConsoleReporter : public CollectingReporter {
  public:
   explicit ConsoleReporter(std::ostream& out, ConsoleOptions options = {});
-  void reportContext(const ReportContext& context) override;
-  void reportRows(const std::vector<CheckResult>& rows) override;
+  void reportContext(const ReportContext& context) override;       // writes the header lines
+  void reportRows(const std::vector<CheckResult>& rows) override;  // streams sweep and selftest rows
   void finalize(const ReportSummary& summary) override;
 
  private:
-  std::ostream& out_;
   ConsoleOptions options_;
-  ReportContext context_;
-  std::vector<CheckResult> rows_;
   bool header_written_ = false;
 };
 
@@ -61,18 +74,13 @@ struct JsonOptions {
 // The JSON report, schema_version 1 with "kind"; schema/<kind>.schema.json (report.schema.json for
 // run) is its contract and tests validate real output against it. Key order is stable. NaN and
 // infinities are written as null (JSON has no NaN). Everything is written by finalize.
-class JsonReporter : public Reporter {
+class JsonReporter : public CollectingReporter {
  public:
-  explicit JsonReporter(std::ostream& out, JsonOptions options = {});
-  void reportContext(const ReportContext& context) override;
-  void reportRows(const std::vector<CheckResult>& rows) override;
+  explicit JsonReporter(std::ostream& out, JsonOptions options = {}) : CollectingReporter(out), options_(options) {}
   void finalize(const ReportSummary& summary) override;
 
  private:
-  std::ostream& out_;
   JsonOptions options_;
-  ReportContext context_;
-  std::vector<CheckResult> rows_;
 };
 
 // A well-formed JUnit XML document: <testsuites><testsuite name=...> with one <testcase> per row
@@ -82,17 +90,10 @@ class JsonReporter : public Reporter {
 // expectation of failure (a scenario that reproduces a bug), its failing rows are <skipped>
 // ("expected failure"), so CI dashboards agree with the exit code. Every attribute and text is
 // XML-escaped; characters XML 1.0 forbids are replaced by '?'. Everything is written by finalize.
-class JUnitReporter : public Reporter {
+class JUnitReporter : public CollectingReporter {
  public:
-  explicit JUnitReporter(std::ostream& out);
-  void reportContext(const ReportContext& context) override;
-  void reportRows(const std::vector<CheckResult>& rows) override;
+  explicit JUnitReporter(std::ostream& out) : CollectingReporter(out) {}
   void finalize(const ReportSummary& summary) override;
-
- private:
-  std::ostream& out_;
-  ReportContext context_;
-  std::vector<CheckResult> rows_;
 };
 
 enum class ReportFormat { kConsole, kJson, kJUnit };

@@ -15,14 +15,8 @@
 #error "MOE_INPUTS_DRIVER_PATH must name the moe-lbcheck-inputs binary"
 #endif
 
-namespace moe {
+namespace moe::badinput {
 namespace {
-
-namespace fs = std::filesystem;
-using badinput::BadInputCase;
-using badinput::InputKind;
-
-using badinput::listTree;
 
 class BadInputThroughDriver : public ::testing::TestWithParam<BadInputCase> {};
 
@@ -63,4 +57,4 @@ TEST(BadInputTable, ValidBasesPassTheDriver) {
 }
 
 }  // namespace
-}  // namespace moe
+}  // namespace moe::badinput

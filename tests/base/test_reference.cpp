@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "../reference_problem.hpp"
 #include "data/problem.hpp"
 #include "reference/reference.hpp"
 
@@ -16,13 +17,7 @@ namespace {
 
 // A hand-built problem with every tensor zero and every token valid.
 ProblemData emptyProblem(int batch, int seq_len, int hidden, int experts, int ffn, int layers) {
-  ProblemData d;
-  d.batch = batch;
-  d.seq_len = seq_len;
-  d.hidden = hidden;
-  d.experts = experts;
-  d.ffn = ffn;
-  d.layers = layers;
+  ProblemData d = problemShapeOf(test::problemScenario(0, batch, seq_len, hidden, experts, ffn, layers, {}));
   const std::size_t T = std::size_t(batch) * seq_len;
   d.x.assign(T * hidden, 0.0);
   d.y.assign(T * hidden, 0.0);
@@ -36,16 +31,8 @@ ProblemData emptyProblem(int batch, int seq_len, int hidden, int experts, int ff
 // A random problem from the data generator (x, y ~ N(0,1), logits ~ N(0,1)).
 ProblemData randomProblem(std::uint64_t seed, int batch, int seq_len, int hidden, int experts, int ffn,
                           int layers, std::vector<int> valid_lengths = {}) {
-  Scenario sc;
-  sc.seed = seed;
-  sc.model.hidden = hidden;
-  sc.model.experts = experts;
-  sc.model.ffn = ffn;
-  sc.model.layers = layers;
-  sc.data.batch = batch;
-  sc.data.seq_len = seq_len;
-  sc.data.valid_lengths = std::move(valid_lengths);
-  return generateProblem(sc);
+  return generateProblem(
+      test::problemScenario(seed, batch, seq_len, hidden, experts, ffn, layers, std::move(valid_lengths)));
 }
 
 ObjectiveDefinition auxOnly(ScoreFunction score, int top_k, AuxScope scope, double alpha) {

@@ -336,20 +336,21 @@ TEST(ReportJUnit, PassingReportHasNoFailures) {
 
 // ================================================================ console
 
+// Every one of `present` occurs in text, none of `absent`.
+void expectText(const std::string& text, const std::vector<std::string>& present,
+                const std::vector<std::string>& absent = {}) {
+  for (const std::string& p : present) EXPECT_NE(text.find(p), std::string::npos) << "missing: " << p << "\n" << text;
+  for (const std::string& a : absent) EXPECT_EQ(text.find(a), std::string::npos) << "present: " << a << "\n" << text;
+}
+
 TEST(ReportConsole, FooterSaysFailedAndListsDiagnosis) {
   const std::string text = render(sampleReport(), ReportFormat::kConsole);
-  EXPECT_NE(text.find("# moe-lbcheck: FAILED (1 of 2 checks failed, 1 informational)"), std::string::npos)
-      << text;
-  EXPECT_NE(text.find("# expectation: met"), std::string::npos);
-  EXPECT_NE(text.find("-> AUX_GRAD_SCALED factor=1/dp"), std::string::npos);
-  EXPECT_NE(text.find("; fix: fix " + kNastyText), std::string::npos);
-  EXPECT_NE(text.find("dp=2 pp=2 cp=1 M=2 world=4 backend=emulated"), std::string::npos);
-  EXPECT_NE(text.find("# preset: nemo_automodel"), std::string::npos);
-  EXPECT_NE(text.find("automodel-1408"), std::string::npos);
-  EXPECT_NE(text.find("near-ties=2"), std::string::npos);
-  EXPECT_NE(text.find("200/256"), std::string::npos);
-  EXPECT_NE(text.find("INFO"), std::string::npos);
-  EXPECT_EQ(text.find("nan"), std::string::npos);  // NaN prints as "-"
+  expectText(
+      text,
+      {"# moe-lbcheck: FAILED (1 of 2 checks failed, 1 informational)", "# expectation: met",
+       "-> AUX_GRAD_SCALED factor=1/dp", "; fix: fix " + kNastyText, "dp=2 pp=2 cp=1 M=2 world=4 backend=emulated",
+       "# preset: nemo_automodel", "automodel-1408", "near-ties=2", "200/256", "INFO"},
+      {"nan"});  // NaN prints as "-"
   // The footer is the last two lines.
   const std::string tail = text.substr(text.rfind("# moe-lbcheck:"));
   EXPECT_EQ(tail, "# moe-lbcheck: FAILED (1 of 2 checks failed, 1 informational)\n# expectation: met\n");
@@ -386,12 +387,8 @@ TEST(ReportConsole, TableColumnsLineUp) {
 
 TEST(ReportConsole, QuietPrintsOnlyFailuresAndFooter) {
   const std::string text = render(sampleReport(), ReportFormat::kConsole, true);
-  EXPECT_NE(text.find("aux_grad/layer1/router_weight"), std::string::npos);
-  EXPECT_NE(text.find("-> AUX_GRAD_SCALED"), std::string::npos);
-  EXPECT_EQ(text.find("aux_grad/layer0/router_weight"), std::string::npos);
-  EXPECT_EQ(text.find("objective/invariance"), std::string::npos);
-  EXPECT_EQ(text.find("# reference:"), std::string::npos);
-  EXPECT_NE(text.find("# moe-lbcheck: FAILED"), std::string::npos);
+  expectText(text, {"aux_grad/layer1/router_weight", "-> AUX_GRAD_SCALED", "# moe-lbcheck: FAILED"},
+             {"aux_grad/layer0/router_weight", "objective/invariance", "# reference:"});
 
   const std::string quiet_pass = render(passingReport(), ReportFormat::kConsole, true);
   EXPECT_EQ(quiet_pass,

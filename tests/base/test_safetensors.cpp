@@ -1,7 +1,6 @@
 // safetensors reader/writer: round trip, byte layout, every malformed-file case, and the problem
 // data loaded from / dumped to a file.
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <cstring>
@@ -9,17 +8,17 @@
 #include <fstream>
 #include <limits>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
+#include "../file_utils.hpp"
+#include "../reference_problem.hpp"
 #include "common/errors.hpp"
 #include "data/problem.hpp"
 #include "data/problem_io.hpp"
 #include "data/safetensors.hpp"
-#include "../reference_problem.hpp"
 
 namespace moe {
 namespace {
@@ -39,16 +38,8 @@ class SafetensorsTest : public ::testing::Test {
 
   std::string pathOf(const std::string& name) const { return (dir_ / name).string(); }
 
-  static std::string slurp(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream buffer;
-    buffer << in.rdbuf();
-    return buffer.str();
-  }
-  static void spit(const std::string& path, const std::string& bytes) {
-    std::ofstream out(path, std::ios::binary);
-    out << bytes;
-  }
+  static std::string slurp(const std::string& path) { return test::readText(path); }
+  static void spit(const std::string& path, const std::string& bytes) { test::writeText(path, bytes); }
 
   // A hand-made file: little-endian u64 length (header.size() unless overridden), header, data.
   std::string rawFile(const std::string& name, const std::string& header, const std::string& data,

@@ -16,14 +16,8 @@
 #error "MOE_CLI_PATH must name the moe-lbcheck binary"
 #endif
 
-namespace moe {
+namespace moe::badinput {
 namespace {
-
-namespace fs = std::filesystem;
-using badinput::BadInputCase;
-using badinput::InputKind;
-
-using badinput::listTree;
 
 // The subcommands a row's input goes through.
 std::vector<std::string> subcommandsFor(InputKind kind) {
@@ -65,4 +59,4 @@ INSTANTIATE_TEST_SUITE_P(Table, BadInputThroughCli, ::testing::ValuesIn(badinput
                          [](const ::testing::TestParamInfo<BadInputCase>& info) { return std::string(info.param.name); });
 
 }  // namespace
-}  // namespace moe
+}  // namespace moe::badinput

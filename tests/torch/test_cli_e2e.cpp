@@ -3,11 +3,8 @@
 // path, and leave no partial output; `expect` decides the exit code; --dump writes the documented
 // safetensors tensors. The binary runs as a child process (fork/exec) in a fresh temporary directory
 // with stdout and stderr captured to files; no assertion depends on wall-clock time.
-#include <gtest/gtest.h>
-
-#include "test_support.hpp"
-
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -22,16 +19,17 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "../base/report_checkers.hpp"
 #include "scenario/catalog.hpp"
+#include "test_support.hpp"
 
 #ifndef MOE_CLI_PATH
 #error "MOE_CLI_PATH must name the moe-lbcheck binary"
@@ -43,29 +41,13 @@
 #error "MOE_SOURCE_DIR must name the source directory"
 #endif
 
-namespace moe {
+namespace moe::test {
 namespace {
 
-namespace fs = std::filesystem;
 using nlohmann::json;
-using test::contains;
-using test::readText;
-
-// A temporary directory named after this test file.
-class TempDir : public test::TempDir {
- public:
-  TempDir() : test::TempDir("moe-cli-e2e") {}
-};
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
-
-
-void writeText(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  ASSERT_TRUE(out.good()) << "cannot write " << path;
-}
 
 json readJson(const fs::path& path) { return json::parse(readText(path)); }
 
@@ -446,58 +428,72 @@ CliResult runWithOutputs(const TempDir& dir, const std::string& file,
   return runCli(args, dir.path());
 }
 
-TEST(CliErrors, MissingScenarioFileExits2NamingTheFile) {
+// One bad `run` with --report/--junit/--dump: how its scenario file is made in the test's directory,
+// the extra arguments, and what stderr must name. Every row exits 2 and leaves no output behind.
+struct BadRunCase {
+  const char* name;
+  std::function<fs::path(const TempDir&)> scenario;
+  std::vector<std::string> extra;
+  std::vector<std::string> stderr_names;
+};
+
+std::function<fs::path(const TempDir&)> fixtureFile(const char* name) {
+  return [name](const TempDir&) { return fixture(name); };
+}
+fs::path quickstartFile(const TempDir&) { return quickstartPath(); }
+
+const std::vector<BadRunCase>& badRunCases() {
+  static const std::vector<BadRunCase> cases = {
+      {"MissingScenarioFile",
+       [](const TempDir& dir) { return dir / "no_such_scenario.json"; },
+       {},
+       {"no_such_scenario.json"}},
+      {"InvalidJson", fixtureFile("cli_invalid_json.json"), {}, {"cli_invalid_json.json"}},
+      {"UnknownKeyNamesTheJsonPath", fixtureFile("cli_unknown_key.json"), {}, {"cli_unknown_key.json", "/aux/coef"}},
+      {"CrossFieldErrorNamesTheJsonPath",
+       fixtureFile("cli_topk_exceeds_experts.json"),
+       {},
+       {"cli_topk_exceeds_experts.json", "/model/top_k"}},
+      // The unknown-key rule on a copy of the shipped quickstart, at the top level.
+      {"UnknownKeyGeneratedFromQuickstart",
+       [](const TempDir& dir) {
+         json sc = readJson(quickstartPath());
+         sc["expected"] = json::object();
+         writeText(dir / "typo.json", sc.dump(2));
+         return dir / "typo.json";
+       },
+       {},
+       {"/expected"}},
+      {"UnknownFlag", quickstartFile, {"--no-such-flag"}, {"--no-such-flag"}},
+      {"MalformedMesh", quickstartFile, {"--mesh", "dp=x"}, {"--mesh"}},
+      {"MeshThatDoesNotDivideTheBatchNamesDataBatch",
+       [](const TempDir&) {
+         EXPECT_EQ(readJson(quickstartPath())["data"]["batch"], 4) << "the row assumes quickstart's batch of 4";
+         return quickstartPath();
+       },
+       {"--mesh", "dp=3"},
+       {"/data/batch", "quickstart.json"}},
+      {"UnknownPreset", quickstartFile, {"--preset", "nope"}, {"nope"}},
+      {"UnknownFault", quickstartFile, {"--fault", "nope"}, {"nope"}},
+  };
+  return cases;
+}
+
+class CliBadRun : public ::testing::TestWithParam<BadRunCase> {};
+
+TEST_P(CliBadRun, Exits2NamingTheInputAndLeavesNoOutputs) {
+  const BadRunCase& row = GetParam();
   TempDir dir;
-  const std::string missing = (dir / "no_such_scenario.json").string();
+  const fs::path file = row.scenario(dir);
   const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, missing);
+  const CliResult r = runWithOutputs(dir, file.string(), row.extra);
   EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "no_such_scenario.json")) << r;
+  for (const std::string& name : row.stderr_names) EXPECT_TRUE(contains(r.err, name)) << name << "\n" << r;
   expectNoOutputs(dir, before, r);
 }
 
-TEST(CliErrors, InvalidJsonExits2) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, fixture("cli_invalid_json.json").string());
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "cli_invalid_json.json")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, UnknownKeyExits2NamingTheJsonPath) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, fixture("cli_unknown_key.json").string());
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "cli_unknown_key.json")) << r;
-  EXPECT_TRUE(contains(r.err, "/aux/coef")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, CrossFieldErrorExits2NamingTheJsonPath) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, fixture("cli_topk_exceeds_experts.json").string());
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "cli_topk_exceeds_experts.json")) << r;
-  EXPECT_TRUE(contains(r.err, "/model/top_k")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, UnknownKeyGeneratedFromQuickstartExits2) {
-  // The same rule on a copy of the shipped quickstart, at the top level.
-  TempDir dir;
-  json sc = readJson(quickstartPath());
-  sc["expected"] = json::object();
-  const fs::path file = dir / "typo.json";
-  writeText(file, sc.dump(2));
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, file.string());
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "/expected")) << r;
-  expectNoOutputs(dir, before, r);
-}
+INSTANTIATE_TEST_SUITE_P(CliErrors, CliBadRun, ::testing::ValuesIn(badRunCases()),
+                         [](const ::testing::TestParamInfo<BadRunCase>& info) { return std::string(info.param.name); });
 
 TEST(CliErrors, UnknownSubcommandExits2) {
   TempDir dir;
@@ -506,115 +502,48 @@ TEST(CliErrors, UnknownSubcommandExits2) {
   EXPECT_TRUE(contains(r.err, "unknown subcommand 'frobnicate'")) << r;
 }
 
-TEST(CliErrors, UnknownFlagExits2) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, quickstartPath().string(), {"--no-such-flag"});
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "--no-such-flag")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
 TEST(CliErrors, MissingArgumentsExit2) {
   TempDir dir;
-  {
-    const CliResult r = runCli({}, dir.path());  // no subcommand
-    EXPECT_EQ(r.exit_code, 2) << r;
-  }
-  {
-    const CliResult r = runCli({"run"}, dir.path());  // no scenario
-    EXPECT_EQ(r.exit_code, 2) << r;
-  }
-  {
-    const CliResult r = runCli({"validate"}, dir.path());
-    EXPECT_EQ(r.exit_code, 2) << r;
-  }
-  {
-    const CliResult r = runCli({"list"}, dir.path());
-    EXPECT_EQ(r.exit_code, 2) << r;
-  }
-  {
-    const CliResult r = runCli({"list", "nope"}, dir.path());
-    EXPECT_EQ(r.exit_code, 2) << r;
-  }
-  {
-    const CliResult r = runCli({"run", quickstartPath().string(), "--report"}, dir.path());  // no value
+  const std::vector<std::vector<std::string>> invocations = {
+      {},                                             // no subcommand
+      {"run"},                                        // no scenario
+      {"validate"},                                   // no file
+      {"list"},                                       // no catalog
+      {"list", "nope"},                               // no such catalog
+      {"run", quickstartPath().string(), "--report"}  // no value
+  };
+  for (const std::vector<std::string>& args : invocations) {
+    const CliResult r = runCli(args, dir.path());
     EXPECT_EQ(r.exit_code, 2) << r;
   }
   EXPECT_TRUE(listDir(dir.path()).empty());
 }
 
-TEST(CliErrors, MalformedMeshExits2) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, quickstartPath().string(), {"--mesh", "dp=x"});
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "--mesh")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, MeshThatDoesNotDivideTheBatchExits2NamingDataBatch) {
-  const json sc = readJson(quickstartPath());
-  ASSERT_EQ(sc["data"]["batch"], 4) << "the test assumes quickstart's batch of 4";
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, quickstartPath().string(), {"--mesh", "dp=3"});
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "/data/batch")) << r;
-  EXPECT_TRUE(contains(r.err, "quickstart.json")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, UnknownPresetExits2) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, quickstartPath().string(), {"--preset", "nope"});
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "nope")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, UnknownFaultExits2) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runWithOutputs(dir, quickstartPath().string(), {"--fault", "nope"});
-  EXPECT_EQ(r.exit_code, 2) << r;
-  EXPECT_TRUE(contains(r.err, "nope")) << r;
-  expectNoOutputs(dir, before, r);
-}
-
-TEST(CliErrors, UnwritableJUnitPathLeavesNoReport) {
-  // A failure while writing the outputs must not leave a partial set of them behind.
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runCli({"run", quickstartPath().string(), "--report", "R.json", "--junit",
-                              "no_such_dir/J.xml"},
-                             dir.path());
-  EXPECT_NE(r.exit_code, 0) << r;
-  EXPECT_NE(r.exit_code, 1) << r;
-  EXPECT_TRUE(contains(r.err, "no_such_dir")) << r;
-  EXPECT_FALSE(fs::exists(dir / "R.json")) << "partial output: report written although the JUnit "
-                                              "file could not be\n"
-                                           << r;
-  EXPECT_EQ(listDir(dir.path()), before) << r;
-}
-
-TEST(CliErrors, UnwritableDumpPathLeavesNoReportOrJUnit) {
-  TempDir dir;
-  const auto before = listDir(dir.path());
-  const CliResult r = runCli({"run", quickstartPath().string(), "--report", "R.json", "--junit", "J.xml",
-                              "--dump", "no_such_dir/D.safetensors"},
-                             dir.path());
-  EXPECT_NE(r.exit_code, 0) << r;
-  EXPECT_NE(r.exit_code, 1) << r;
-  EXPECT_TRUE(contains(r.err, "no_such_dir")) << r;
-  EXPECT_FALSE(fs::exists(dir / "R.json")) << "partial output: report written although the dump "
-                                              "could not be\n"
-                                           << r;
-  EXPECT_FALSE(fs::exists(dir / "J.xml")) << "partial output: JUnit written although the dump could "
-                                             "not be\n"
-                                          << r;
-  EXPECT_EQ(listDir(dir.path()), before) << r;
+TEST(CliErrors, UnwritableOutputPathLeavesNoOtherOutput) {
+  // A failure while writing the outputs must not leave a partial set of them behind: the output
+  // flags of `run`, one of them into a directory that does not exist, and the files that must not
+  // have been written.
+  struct Row {
+    std::vector<std::string> outputs;
+    std::vector<std::string> not_written;
+  };
+  const std::vector<Row> rows = {
+      {{"--report", "R.json", "--junit", "no_such_dir/J.xml"}, {"R.json"}},
+      {{"--report", "R.json", "--junit", "J.xml", "--dump", "no_such_dir/D.safetensors"}, {"R.json", "J.xml"}},
+  };
+  for (const Row& row : rows) {
+    TempDir dir;
+    const auto before = listDir(dir.path());
+    std::vector<std::string> args = {"run", quickstartPath().string()};
+    args.insert(args.end(), row.outputs.begin(), row.outputs.end());
+    const CliResult r = runCli(args, dir.path());
+    EXPECT_NE(r.exit_code, 0) << r;
+    EXPECT_NE(r.exit_code, 1) << r;
+    EXPECT_TRUE(contains(r.err, "no_such_dir")) << r;
+    for (const std::string& name : row.not_written)
+      EXPECT_FALSE(fs::exists(dir / name)) << "partial output: " << name << " written\n" << r;
+    EXPECT_EQ(listDir(dir.path()), before) << r;
+  }
 }
 
 TEST(CliErrors, ValidateReportsEveryFileAndExits2OnAnyInvalid) {
@@ -877,12 +806,12 @@ TEST(CliDump, SafetensorsHeaderListsProblemAndGradients) {
 }
 
 }  // namespace
-}  // namespace moe
+}  // namespace moe::test
 
 // ------------------------------------------------------------------------------------------------
 // 5. Defects fixed by the redesign, each with its test.
 
-namespace moe {
+namespace moe::test {
 namespace {
 
 TEST(CliDefects, NumberBeyondDoubleExits2NamingFileAndPath) {
@@ -965,4 +894,4 @@ TEST(CliDefects, TokenWeightingThroughThePresetIsReportedAsAFinding) {
 }
 
 }  // namespace
-}  // namespace moe
+}  // namespace moe::test

@@ -67,19 +67,10 @@
 
 extern char** environ;
 
-namespace moe {
+namespace moe::test {
 namespace {
 
-namespace fs = std::filesystem;
 using nlohmann::json;
-using test::contains;
-using test::readText;
-
-// A temporary directory named after this test file.
-class TempDir : public test::TempDir {
- public:
-  TempDir() : test::TempDir("moe-gloo-test") {}
-};
 
 constexpr double kAgreementTolerance = 1e-12;
 
@@ -796,6 +787,16 @@ TEST(GlooLauncherEnv, TorchrunVariables) { runUnderLauncher(Style::kTorchrun); }
 TEST(GlooLauncherEnv, SrunVariables) { runUnderLauncher(Style::kSrun); }
 TEST(GlooLauncherEnv, MpirunVariables) { runUnderLauncher(Style::kMpirun); }
 
+// Under the current environment, detectRankEnvironment(0) finds these coordinates, set by `launcher`.
+void expectDetected(int rank, int world_size, int local_rank, const std::string& launcher) {
+  const auto e = detectRankEnvironment(0);
+  ASSERT_TRUE(e.has_value()) << launcher;
+  EXPECT_EQ(e->rank, rank) << launcher;
+  EXPECT_EQ(e->world_size, world_size) << launcher;
+  EXPECT_EQ(e->local_rank, local_rank) << launcher;
+  EXPECT_TRUE(contains(e->source, launcher)) << e->source;
+}
+
 TEST(GlooLauncherEnv, DetectsEachLauncherInOrderOfPrecedence) {
   {
     ScopedEnv env({{"RANK", std::nullopt}});
@@ -804,36 +805,24 @@ TEST(GlooLauncherEnv, DetectsEachLauncherInOrderOfPrecedence) {
   {
     ScopedEnv env({{"RANK", "1"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"},
                    {"MASTER_PORT", "29501"}, {"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "8"}});
+    expectDetected(1, 4, 1, "torchrun");
     const auto e = detectRankEnvironment(0);
     ASSERT_TRUE(e.has_value());
-    EXPECT_EQ(e->rank, 1);
-    EXPECT_EQ(e->world_size, 4);
     EXPECT_EQ(e->master_addr, "node7");
     EXPECT_EQ(e->master_port, 29501);
-    EXPECT_TRUE(contains(e->source, "torchrun"));
     EXPECT_FALSE(e->launcher_hosts_store);
   }
   {
     ScopedEnv env({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "3"},
                    {"OMPI_COMM_WORLD_LOCAL_RANK", "0"}, {"MASTER_ADDR", "127.0.0.1"},
                    {"MASTER_PORT", "29500"}});
-    const auto e = detectRankEnvironment(0);
-    ASSERT_TRUE(e.has_value());
-    EXPECT_EQ(e->rank, 2);
-    EXPECT_EQ(e->world_size, 3);
-    EXPECT_EQ(e->local_rank, 0);
-    EXPECT_TRUE(contains(e->source, "mpirun"));
+    expectDetected(2, 3, 0, "mpirun");
     EXPECT_FALSE(detectRankEnvironment(3).has_value()) << "--nproc: this process is the launcher";
   }
   {
     ScopedEnv env({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
                    {"SLURM_STEP_ID", "0"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}});
-    const auto e = detectRankEnvironment(0);
-    ASSERT_TRUE(e.has_value());
-    EXPECT_EQ(e->rank, 5);
-    EXPECT_EQ(e->world_size, 8);
-    EXPECT_EQ(e->local_rank, 1);
-    EXPECT_TRUE(contains(e->source, "srun"));
+    expectDetected(5, 8, 1, "srun");
   }
   {
     // A batch script's own environment (no job step) is not a step of N ranks.
@@ -946,13 +935,13 @@ TEST(GlooLauncherEnv, ToolInfoListsGloo) {
 }
 
 }  // namespace
-}  // namespace moe
+}  // namespace moe::test
 
 // ------------------------------------------------------------------------------------------------
 // The tool under the real torchrun (Debian's, torch 1.13): its flags as the README shows them, its
 // agent's store (TORCHELASTIC_USE_AGENT_STORE=True: rank 0 connects as a client), one exit code.
 
-namespace moe {
+namespace moe::test {
 namespace {
 
 TEST(GlooLauncher, RealTorchrunLaunchesTheTool) {
@@ -987,4 +976,4 @@ TEST(GlooMesh, SixteenRanksTensorContextDataPipeline) {
 }
 
 }  // namespace
-}  // namespace moe
+}  // namespace moe::test

@@ -13,35 +13,27 @@
 namespace moe {
 namespace {
 
-struct CliRun {
-  int exit_code;
-  std::string err;
-};
-
-// The binary's exit code and stderr (stdout discarded).
-CliRun runCli(const std::string& args) {
-  const test::ShellRun r = test::runShell(std::string(MOE_CLI_PATH) + " " + args + " 2>&1 >/dev/null");
-  return {r.exit_code, r.output};
-}
+// The binary's exit code and stderr.
+test::ShellRun runCli(const std::string& args) { return test::runCli(args, test::CliStream::kStderr); }
 
 const std::string kQuickstart = std::string(MOE_SCENARIOS_DIR) + "/quickstart.json";
 
 TEST(Nccl, WithoutAGpuTheBackendFailsWithAClearMessage) {
   const std::string why = cudaUnavailableReason();
   if (why.empty()) GTEST_SKIP() << "a CUDA device is present: the no-GPU failure path does not apply";
-  const CliRun r = runCli("run " + kQuickstart + " --backend nccl");
-  EXPECT_EQ(r.exit_code, 3) << r.err;
-  EXPECT_NE(r.err.find("nccl"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("cudaGetDeviceCount"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("--backend gloo"), std::string::npos) << r.err;  // says what to do instead
+  const test::ShellRun r = runCli("run " + kQuickstart + " --backend nccl");
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_NE(r.output.find("nccl"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("cudaGetDeviceCount"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--backend gloo"), std::string::npos) << r.output;  // says what to do instead
 }
 
 TEST(Nccl, TwoRanksAgreeWithTheEmulatedMesh) {
   const std::string why = cudaUnavailableReason();
   if (!why.empty()) GTEST_SKIP() << "no usable GPU (" << why << "): NCCL agreement not tested here";
   // One GPU per rank: needs two devices.
-  const CliRun r = runCli("run " + kQuickstart + " --mesh dp=2 --backend nccl --nproc 2 -q");
-  EXPECT_EQ(r.exit_code, 0) << r.err;
+  const test::ShellRun r = runCli("run " + kQuickstart + " --mesh dp=2 --backend nccl --nproc 2 -q");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
 }
 
 }  // namespace

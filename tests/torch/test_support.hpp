@@ -6,8 +6,9 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
-#include <cstdio>
+#include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,25 +16,32 @@
 #include <string>
 #include <vector>
 
+#include "../file_utils.hpp"
+
 namespace moe::test {
 
 namespace fs = std::filesystem;
-
-inline std::string readText(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 inline bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
 
-// A fresh directory from mkdtemp (named after `tag`), removed with everything in it at destruction.
+// "moe-<suite>.<test>" of the running test (characters other than letters, digits, '-' and '.' as
+// '_'), "moe-test" outside a test.
+inline std::string currentTestTag() {
+  const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  if (info == nullptr) return "moe-test";
+  std::string tag = std::string("moe-") + info->test_suite_name() + "." + info->name();
+  for (char& c : tag)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.') c = '_';
+  return tag;
+}
+
+// A fresh directory from mkdtemp (named after `tag`, by default the running test), removed with
+// everything in it at destruction.
 class TempDir {
  public:
-  explicit TempDir(const std::string& tag = "moe-test") {
+  explicit TempDir(const std::string& tag = currentTestTag()) {
     std::string pattern = (fs::temp_directory_path() / (tag + "-XXXXXX")).string();
     std::vector<char> buf(pattern.begin(), pattern.end());
     buf.push_back('\0');
@@ -74,5 +82,15 @@ inline ShellRun runShell(const std::string& command) {
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
 }
+
+#ifdef MOE_CLI_PATH
+// Runs the moe-lbcheck binary with `args` and returns its exit code and one of its streams (the other
+// is discarded).
+enum class CliStream { kStdout, kStderr };
+inline ShellRun runCli(const std::string& args, CliStream keep) {
+  return runShell(std::string(MOE_CLI_PATH) + " " + args +
+                  (keep == CliStream::kStdout ? " 2>/dev/null" : " 2>&1 >/dev/null"));
+}
+#endif
 
 }  // namespace moe::test

@@ -19,16 +19,8 @@
 namespace moe {
 namespace {
 
-struct CliRun {
-  int exit_code;
-  std::string out;
-};
-
-// The binary's exit code and stdout (stderr discarded).
-CliRun runCli(const std::string& args) {
-  const test::ShellRun r = test::runShell(std::string(MOE_CLI_PATH) + " " + args + " 2>/dev/null");
-  return {r.exit_code, r.output};
-}
+// The binary's exit code and stdout.
+test::ShellRun runCli(const std::string& args) { return test::runCli(args, test::CliStream::kStdout); }
 
 std::string scenarioPath(const std::string& name) { return std::string(MOE_SCENARIOS_DIR) + "/" + name; }
 
@@ -58,15 +50,16 @@ TEST(Sweep, EveryLayoutOfWorldFourPassesForTheQuickstart) {
 }
 
 TEST(Sweep, BinaryExitsOneWhenALayoutFailsAndNamesTheFactor) {
-  const CliRun r = runCli("sweep " + scenarioPath("missing_cp_scale.json") + " --world 6 --fixed-microbatches -q");
+  const test::ShellRun r =
+      runCli("sweep " + scenarioPath("missing_cp_scale.json") + " --world 6 --fixed-microbatches -q");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.out.find("dp=3 pp=1 cp=2 M=5"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("factor=1/cp"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("FAILED ("), std::string::npos) << r.out;
+  EXPECT_NE(r.output.find("dp=3 pp=1 cp=2 M=5"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("factor=1/cp"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("FAILED ("), std::string::npos) << r.output;
 }
 
 TEST(Sweep, NoValidLayoutIsAnInputError) {
-  const CliRun r = runCli("sweep " + scenarioPath("quickstart.json") + " --world 7 -q");
+  const test::ShellRun r = runCli("sweep " + scenarioPath("quickstart.json") + " --world 7 -q");
   EXPECT_EQ(r.exit_code, 2);
 }
 
@@ -86,12 +79,12 @@ TEST(Selftest, BinaryFlagsEveryFaultAndItsJsonReportSatisfiesItsSchema) {
   char dir_template[] = "/tmp/moe-selftest-json-XXXXXX";
   const std::string dir = mkdtemp(dir_template);
   const std::string path = dir + "/selftest.json";
-  const CliRun r = runCli("selftest -q --report " + path);
-  EXPECT_EQ(r.exit_code, 0) << r.out;
-  EXPECT_NE(r.out.find("selftest: OK (" + std::to_string(faultCatalog().size()) + " faults flagged"),
+  const test::ShellRun r = runCli("selftest -q --report " + path);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("selftest: OK (" + std::to_string(faultCatalog().size()) + " faults flagged"),
             std::string::npos)
-      << r.out;
-  EXPECT_EQ(r.out.find("MISSED"), std::string::npos) << r.out;
+      << r.output;
+  EXPECT_EQ(r.output.find("MISSED"), std::string::npos) << r.output;
   std::ifstream in(path);
   const nlohmann::json j = nlohmann::json::parse(in);
   EXPECT_EQ(j["kind"], "selftest");

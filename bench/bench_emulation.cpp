@@ -4,8 +4,6 @@
 // activations in flight. Each measurement runs in a forked child so that its peak RSS is its own.
 //
 //   bench_emulation [--dp 256 --pp 2 --cp 2 --mb 1] [--seq 512 --hidden 128 --experts 16 --ffn 128]
-#include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -14,6 +12,7 @@
 #include <cstring>
 #include <string>
 
+#include "child_process.hpp"
 #include "data/problem.hpp"
 #include "sim/emulated_backend.hpp"
 
@@ -26,36 +25,27 @@ struct Measurement {
 
 // Runs the aux-only mesh run of `sc` in a child process; returns its wall time and peak RSS.
 Measurement measureInChild(const moe::Scenario& sc) {
-  int pipe_fd[2];
-  if (pipe(pipe_fd) != 0) std::abort();
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(pipe_fd[0]);
-    const moe::ProblemData data = moe::generateProblem(sc);
-    moe::MeshRequest request;
-    request.scenario = &sc;
-    request.data = &data;
-    request.knobs = {0.0, sc.aux.coeff, 0.0, false};
-    moe::EmulatedBackend backend;
-    const auto t0 = std::chrono::steady_clock::now();
-    const moe::MeshRunResult g = backend.run(request);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (g.ranks.empty()) _exit(2);
-    if (write(pipe_fd[1], &s, sizeof s) != sizeof s) _exit(3);
-    _exit(0);
-  }
-  close(pipe_fd[1]);
   Measurement m;
-  if (read(pipe_fd[0], &m.seconds, sizeof m.seconds) != sizeof m.seconds) m.seconds = -1;
-  close(pipe_fd[0]);
-  int status = 0;
-  struct rusage usage {};
-  wait4(pid, &status, 0, &usage);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    std::fprintf(stderr, "bench_emulation: child failed (status %d)\n", status);
+  const moe::bench::ChildOutcome child = moe::bench::runInChild(
+      [&](int fd) {
+        const moe::ProblemData data = moe::generateProblem(sc);
+        moe::MeshRequest request;
+        request.scenario = &sc;
+        request.data = &data;
+        request.knobs = {0.0, sc.aux.coeff, 0.0, false};
+        moe::EmulatedBackend backend;
+        const auto t0 = std::chrono::steady_clock::now();
+        const moe::MeshRunResult g = backend.run(request);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (g.ranks.empty()) return 2;
+        return write(fd, &s, sizeof s) == sizeof s ? 0 : 3;
+      },
+      &m.seconds, sizeof m.seconds);
+  if (!child.ok) {
+    std::fprintf(stderr, "bench_emulation: child failed (status %d)\n", child.status);
     std::exit(3);
   }
-  m.peak_mib = usage.ru_maxrss / 1024.0;
+  m.peak_mib = child.peak_bytes / (1024.0 * 1024.0);
   return m;
 }
 

@@ -4,16 +4,13 @@
 // the child's ru_maxrss from wait4. Target: the estimate within 25% of the peak.
 //
 //   bench_memory [SCENARIO.json ...]   (default: bench/scenarios/{dsv3-size,wide-tp,medium-2048}.json)
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "app/check_run.hpp"
+#include "child_process.hpp"
 #include "scenario/scenario.hpp"
 #include "sim/emulated_backend.hpp"
 
@@ -21,22 +18,19 @@ namespace {
 
 // Peak RSS in bytes of one run of `sc` in a child process; negative when the run failed.
 double measuredPeak(const moe::Scenario& sc) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    try {
-      moe::EmulatedBackend backend;
-      (void)moe::runChecks(sc, backend);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "bench_memory: %s: %s\n", sc.name.c_str(), e.what());
-      _exit(3);
-    }
-    _exit(0);
-  }
-  int status = 0;
-  struct rusage usage {};
-  wait4(pid, &status, 0, &usage);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return -1;
-  return usage.ru_maxrss * 1024.0;
+  const moe::bench::ChildOutcome child = moe::bench::runInChild(
+      [&](int) {
+        try {
+          moe::EmulatedBackend backend;
+          (void)moe::runChecks(sc, backend);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "bench_memory: %s: %s\n", sc.name.c_str(), e.what());
+          return 3;
+        }
+        return 0;
+      },
+      nullptr, 0);
+  return child.ok ? child.peak_bytes : -1;
 }
 
 }  // namespace

@@ -8,8 +8,7 @@
 // back through a pipe.
 //
 //   bench_run [SCENARIO.json]   (default: bench/scenarios/dsv3-size.json, DeepSeek-V3's router size)
-#include <sys/resource.h>
-#include <sys/wait.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,9 +18,8 @@
 #include <string>
 #include <vector>
 
-#include <torch/torch.h>
-
 #include "app/check_run.hpp"
+#include "child_process.hpp"
 #include "common/blas_threads.hpp"
 #include "scenario/scenario.hpp"
 #include "sim/emulated_backend.hpp"
@@ -70,7 +68,8 @@ struct ChildResult {
 };
 
 // The child: one runChecks, as `moe-lbcheck run SCENARIO` does it.
-[[noreturn]] void runChild(const Scenario& sc, int fd) {
+// The child: the whole run, its phases written to fd as one ChildResult; returns the exit status.
+int runChild(const Scenario& sc, int fd) {
   ChildResult r;
   try {
     EmulatedBackend backend;
@@ -90,10 +89,9 @@ struct ChildResult {
     r.verdict_ok = out.report.summary.verdict == Verdict::kPass ? 1 : 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_run: run failed: %s\n", e.what());
-    _exit(3);
+    return 3;
   }
-  if (write(fd, &r, sizeof r) != sizeof r) _exit(4);
-  _exit(0);
+  return write(fd, &r, sizeof r) == sizeof r ? 0 : 4;
 }
 
 }  // namespace
@@ -110,24 +108,13 @@ int main(int argc, char** argv) {
   std::printf("yardstick: %.1f GFLOP of one forward+backward / %.1f GFLOP/s dgemm (OpenBLAS threads %d) = %.2f s\n",
               flops / 1e9, rate / 1e9, blasThreads(), yardstick);
 
-  int fds[2];
-  if (pipe(fds) != 0) return 3;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    runChild(sc, fds[1]);
-  }
-  close(fds[1]);
   ChildResult r;
-  const bool got = read(fds[0], &r, sizeof r) == sizeof r;
-  int status = 0;
-  struct rusage usage {};
-  wait4(pid, &status, 0, &usage);
-  if (!got || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    std::fprintf(stderr, "bench_run: the run failed (status %d)\n", status);
+  const moe::bench::ChildOutcome child = moe::bench::runInChild([&](int fd) { return runChild(sc, fd); }, &r, sizeof r);
+  if (!child.ok) {
+    std::fprintf(stderr, "bench_run: the run failed (status %d)\n", child.status);
     return 3;
   }
-  const double peak_gb = usage.ru_maxrss * 1024.0 / 1e9;
+  const double peak_gb = child.peak_bytes / 1e9;
   const auto row = [&](const char* phase, double s) {
     std::printf("  %-28s %8.2f s  %7.2fx\n", phase, s, s / yardstick);
   };

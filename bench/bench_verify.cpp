@@ -9,8 +9,6 @@
 //
 //   bench_verify [--dir DIR] [--ranks 4] [--tokens 4096] [--hidden 7168] [--experts 256] [--top-k 8]
 //                [--keep]
-#include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -23,6 +21,7 @@
 #include <vector>
 
 #include "capture/capture_writer.hpp"
+#include "child_process.hpp"
 #include "verify/verify.hpp"
 
 namespace {
@@ -82,8 +81,8 @@ void writeBenchCapture(const Options& o, const std::string& dir) {
     m.mesh.dp_size = o.ranks;
     m.layers = {0};
     m.seq_len = o.tokens;
-    m.objective.aux_type = AuxScope::kSequence;
-    m.objective.coeff = 1e-4;
+    m.objective.aux_scope = AuxScope::kSequence;
+    m.objective.aux_coeff = 1e-4;
     m.objective.top_k = o.top_k;
     m.objective.score = ScoreFunction::kSigmoid;  // DeepSeek-V3's router
     m.framework = "bench_verify";
@@ -116,28 +115,21 @@ struct VerifyMeasurement {
 };
 
 VerifyMeasurement verifyInChild(const std::string& dir) {
-  int pipe_fd[2];
-  if (pipe(pipe_fd) != 0) std::abort();
-  const pid_t pid = fork();
-  if (pid == 0) {
-    // A fresh image (exec), so that no page of the writer's heap counts in the child's RSS.
-    close(pipe_fd[0]);
-    const std::string fd = std::to_string(pipe_fd[1]);
-    execl("/proc/self/exe", "bench_verify", "--verify-only", dir.c_str(), fd.c_str(), static_cast<char*>(nullptr));
-    _exit(4);
-  }
-  close(pipe_fd[1]);
   double v[4] = {-1, -1, -1, -1};
-  const bool got = read(pipe_fd[0], v, sizeof v) == sizeof v;
-  close(pipe_fd[0]);
-  int status = 0;
-  struct rusage usage {};
-  wait4(pid, &status, 0, &usage);
-  if (!got || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    std::fprintf(stderr, "bench_verify: the verify child failed (status %d)\n", status);
+  const moe::bench::ChildOutcome child = moe::bench::runInChild(
+      [&](int fd) {
+        // A fresh image (exec), so that no page of the writer's heap counts in the child's RSS.
+        const std::string fd_text = std::to_string(fd);
+        execl("/proc/self/exe", "bench_verify", "--verify-only", dir.c_str(), fd_text.c_str(),
+              static_cast<char*>(nullptr));
+        return 4;
+      },
+      v, sizeof v);
+  if (!child.ok) {
+    std::fprintf(stderr, "bench_verify: the verify child failed (status %d)\n", child.status);
     std::exit(3);
   }
-  return {v[0], v[1], v[2], v[3], usage.ru_maxrss / 1024.0};
+  return {v[0], v[1], v[2], v[3], child.peak_bytes / (1024.0 * 1024.0)};
 }
 
 // The child: verify DIR, write (total, reference, load, wall) seconds to the pipe FD.

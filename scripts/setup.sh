@@ -12,19 +12,7 @@ PACKAGES=(
   # the capture helper, its tests and the real-job examples: Debian's torch, torchrun, venv + pip
   python3-torch python3-venv python3-pip python3-setuptools
 )
-missing=()
-for p in "${PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-if ((${#missing[@]})); then
-  echo "setup: installing ${missing[*]}"
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+scripts/install_missing_packages.sh setup "${PACKAGES[@]}"
 
 # Debian's LibTorch uses the system BLAS; make sure it is OpenBLAS, not the reference BLAS.
 blas=$(update-alternatives --query libblas.so.3-x86_64-linux-gnu 2>/dev/null | awk '/^Value:/{print $2}')

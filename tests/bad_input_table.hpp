@@ -127,14 +127,20 @@ inline std::string joinSafetensors(const std::string& header, const std::string&
   return out + header + data;
 }
 
+// The input `input` after `edit` was applied to the bytes of its file `edited`; the message must name
+// that file first.
+inline BuiltInput withEditedFile(const fs::path& input, const fs::path& edited,
+                                 const std::function<std::string(std::string)>& edit,
+                                 std::vector<std::string> expected) {
+  writeText(edited, edit(readText(edited)));
+  expected.insert(expected.begin(), edited.string());
+  return {input.string(), expected, ""};
+}
+
 // A data row: the valid scenario + data file, then `edit` applied to the data file's bytes.
 inline BuiltInput dataRow(const fs::path& dir, const std::function<std::string(std::string)>& edit,
                           std::vector<std::string> expected) {
-  const fs::path scenario = writeScenarioWithData(dir);
-  const fs::path data = dir / "data.safetensors";
-  writeText(data, edit(readText(data)));
-  expected.insert(expected.begin(), data.string());
-  return {scenario.string(), expected, ""};
+  return withEditedFile(writeScenarioWithData(dir), dir / "data.safetensors", edit, std::move(expected));
 }
 // An edit of the data file's header text only (the length prefix is rewritten to match).
 inline std::function<std::string(std::string)> editHeader(std::function<std::string(std::string)> edit) {
@@ -169,10 +175,7 @@ inline BuiltInput captureRow(const fs::path& dir, const std::function<std::strin
                              std::vector<std::string> expected) {
   const fs::path capture = dir / "capture";
   writeCapture(capture.string(), testjob::buildJob(testjob::JobShape{}));
-  const fs::path rank1 = capture / "rank1.safetensors";
-  writeText(rank1, edit(readText(rank1)));
-  expected.insert(expected.begin(), rank1.string());
-  return {capture.string(), expected, ""};
+  return withEditedFile(capture, capture / "rank1.safetensors", edit, std::move(expected));
 }
 // An edit of rank 1's manifest text (spliced back as __metadata__["moe_lbcheck_capture"]).
 inline std::function<std::string(std::string)> editManifest(std::function<std::string(std::string)> edit) {

@@ -64,8 +64,8 @@ inline std::vector<CaptureRankRecord> buildJob(const JobShape& job) {
           m.layers.assign(job.layers.begin() + pp * layers_per_stage,
                           job.layers.begin() + (pp + 1) * layers_per_stage);
           m.seq_len = job.seq_len;
-          m.objective.aux_type = AuxScope::kMicroBatch;
-          m.objective.coeff = 0.01;
+          m.objective.aux_scope = AuxScope::kMicroBatch;
+          m.objective.aux_coeff = 0.01;
           m.objective.top_k = job.top_k;
           m.objective.score = ScoreFunction::kSoftmax;
           m.framework = "unit test";

@@ -26,30 +26,17 @@ inline Scenario problemScenario(std::uint64_t seed, int B, int S, int H, int E, 
   return sc;
 }
 
-struct ObjectiveSpec {
-  ScoreFunction score;
-  int top_k;
-  bool norm_topk_prob;
-  AuxScope aux_scope;
-  double alpha, beta;
-  ZLossScope z_scope;
-  bool exclude_padding;
-  GroupWeighting weighting;
+// The router terms (in RouterLossTerms' order: score, top_k, norm_topk_prob, aux_scope, alpha, beta,
+// z_scope, exclude_padding, group_weighting), then the main-loss scope and the mesh sizes that split
+// the batch into micro_batch groups.
+struct ObjectiveSpec : RouterLossTerms {
   MainLossScope main_scope;
   int dp, microbatches;
 };
 
 inline ObjectiveDefinition problemObjective(const ObjectiveSpec& s) {
   ObjectiveDefinition o;
-  o.score = s.score;
-  o.top_k = s.top_k;
-  o.norm_topk_prob = s.norm_topk_prob;
-  o.aux_scope = s.aux_scope;
-  o.aux_coeff = s.alpha;
-  o.z_coeff = s.beta;
-  o.z_scope = s.z_scope;
-  o.exclude_padding = s.exclude_padding;
-  o.group_weighting = s.weighting;
+  static_cast<RouterLossTerms&>(o) = s;
   o.main_scope = s.main_scope;
   o.mesh.dp = s.dp;
   o.mesh.microbatches = s.microbatches;

@@ -1,13 +1,13 @@
 #include "app/capture_export.hpp"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <filesystem>
 
-#include <fmt/format.h>
-
 #include "common/errors.hpp"
 #include "common/interrupt.hpp"
+#include "reference/objective.hpp"
 #include "scenario/catalog.hpp"
 #include "sim/mesh_layout.hpp"
 
@@ -52,18 +52,9 @@ std::vector<CaptureRankRecord> captureOfMeshRun(const Scenario& scenario, const 
     m.mesh.ep_size = layout.ep;
     m.mesh.microbatches = layout.microbatches;
     m.seq_len = layout.seq_len;
-    CaptureObjective& o = m.objective;
-    o.aux_type = sc.aux.type;
-    o.coeff = sc.aux.coeff;
-    o.z_loss_coeff = sc.aux.z_loss_coeff;
-    o.z_loss_scope = sc.aux.z_loss_scope;
-    o.top_k = sc.model.top_k;
-    o.score = sc.model.score;
-    o.norm_topk_prob = sc.model.norm_topk_prob;
-    o.exclude_padding = sc.aux.exclude_padding;
-    o.group_weighting = sc.aux.group_weighting;  // resolved: uniform or tokens
-    o.compute_dtype = sc.model.dtype;
-    o.compute_dtype_given = true;
+    static_cast<RouterLossTerms&>(m.objective) = intendedObjective(sc);  // weighting resolved: uniform or tokens
+    m.objective.compute_dtype = sc.model.dtype;
+    m.objective.compute_dtype_given = true;
     m.router_inputs_detached = true;
     m.main_loss_scale = 0.0;
     m.framework = fmt::format("moe-lbcheck {} mesh: preset {}{}", backend, preset.name,
@@ -79,14 +70,8 @@ std::vector<CaptureRankRecord> captureOfMeshRun(const Scenario& scenario, const 
       l.grad = transposed(grad, H, E);
       for (const RouterInputRecord& in : state.inputs) {
         if (in.layer != layer) continue;
-        CaptureMicrobatchRecord mb;
-        mb.microbatch = in.microbatch;
-        mb.input = in.rows;
-        mb.sequence = in.sequence;
-        mb.position = in.position;
-        mb.valid = in.valid;
-        mb.topk = in.topk;
-        l.microbatches.push_back(std::move(mb));
+        l.microbatches.push_back(
+            CaptureMicrobatchRecord{in.microbatch, in.rows, in.sequence, in.position, in.valid, in.topk});
       }
       r.layers.push_back(std::move(l));
     }

@@ -30,16 +30,10 @@ struct CaptureMesh {
 };
 
 // The manifest's "objective": the objective the job intends, with defaults filled in.
-struct CaptureObjective {
-  AuxScope aux_type = AuxScope::kMicroBatch;               // required
-  double coeff = 0.0;                                      // required, alpha >= 0
-  double z_loss_coeff = 0.0;                               // beta >= 0
-  ZLossScope z_loss_scope = ZLossScope::kMicroBatch;
-  int top_k = 1;                                           // required, 1 <= top_k <= experts
-  ScoreFunction score = ScoreFunction::kSoftmax;           // required
-  bool norm_topk_prob = false;
-  bool exclude_padding = true;
-  GroupWeighting group_weighting = GroupWeighting::kUniform;  // kUniform or kTokens only
+// The manifest's "objective": the router loss terms under the manifest's own key names (aux_scope is
+// "aux_type", aux_coeff "coeff", z_coeff "z_loss_coeff", z_scope "z_loss_scope"). Required: aux_type,
+// coeff (>= 0), top_k (1 <= top_k <= experts), score; group_weighting is kUniform or kTokens only.
+struct CaptureObjective : RouterLossTerms {
   // The precision the job computed its aux math in; when the manifest leaves it out, the precision of
   // the gradient tensors (F64 -> float64, F32 -> float32, BF16 and F16 -> bfloat16 for tolerance
   // purposes; the coarsest over every rank's gradients when they differ). loadCapture fills it in;

@@ -231,17 +231,17 @@ class ManifestReader {
   void readObjective(const Json& objective, CaptureObjective& out) const {
     const std::string o = "/objective";
     rejectUnknownKeys(objective, o, kObjectiveKeys);
-    out.aux_type =
+    out.aux_scope =
         readEnum(required(objective, o, "aux_type", "one of \"micro_batch\", \"sequence\", \"global_batch\""),
                  o + "/aux_type", kAuxScopes);
-    out.coeff = readNonNegative(required(objective, o, "coeff", "a finite number >= 0"), o + "/coeff");
+    out.aux_coeff = readNonNegative(required(objective, o, "coeff", "a finite number >= 0"), o + "/coeff");
     out.top_k = readInt(required(objective, o, "top_k", "an integer >= 1"), o + "/top_k", 1, INT_MAX);
     out.score =
         readEnum(required(objective, o, "score", "one of \"softmax\", \"sigmoid\""), o + "/score", kScores);
     if (objective.contains("z_loss_coeff"))
-      out.z_loss_coeff = readNonNegative(objective["z_loss_coeff"], o + "/z_loss_coeff");
+      out.z_coeff = readNonNegative(objective["z_loss_coeff"], o + "/z_loss_coeff");
     if (objective.contains("z_loss_scope"))
-      out.z_loss_scope = readEnum(objective["z_loss_scope"], o + "/z_loss_scope", kZLossScopes);
+      out.z_scope = readEnum(objective["z_loss_scope"], o + "/z_loss_scope", kZLossScopes);
     if (objective.contains("norm_topk_prob"))
       out.norm_topk_prob = readBool(objective["norm_topk_prob"], o + "/norm_topk_prob");
     if (objective.contains("exclude_padding"))
@@ -292,10 +292,10 @@ std::string captureManifestToJson(const CaptureManifest& m) {
 
   const CaptureObjective& o = m.objective;
   OrderedJson objective = OrderedJson::object();
-  objective["aux_type"] = toString(o.aux_type);
-  objective["coeff"] = o.coeff;
-  objective["z_loss_coeff"] = o.z_loss_coeff;
-  objective["z_loss_scope"] = toString(o.z_loss_scope);
+  objective["aux_type"] = toString(o.aux_scope);
+  objective["coeff"] = o.aux_coeff;
+  objective["z_loss_coeff"] = o.z_coeff;
+  objective["z_loss_scope"] = toString(o.z_scope);
   objective["top_k"] = o.top_k;
   objective["score"] = toString(o.score);
   objective["norm_topk_prob"] = o.norm_topk_prob;

@@ -60,6 +60,7 @@ void setupRunCommand(CLI::App& app, int& exit_code) {
   auto opt = std::make_shared<RunOptions>();
   CLI::App* sub = app.add_subcommand("run", "Check one scenario's aux-loss gradient on one mesh");
   sub->add_option("scenario", opt->scenario, "Scenario JSON file")->required();
+  addReportOutputOptions(*sub, opt->output, "run", "check", "Print only failures and the footer");
   addOverrideOptions(*sub, opt->overrides);
   sub->add_option("--backend", opt->backend.name, "Mesh backend")
       ->check(CLI::IsMember(backendNames()))
@@ -71,7 +72,6 @@ void setupRunCommand(CLI::App& app, int& exit_code) {
   sub->add_option("--capture", opt->capture_dir,
                   "Also write the mesh's step as a capture (router inputs detached, main loss x 0) into this new "
                   "directory, for `moe-lbcheck verify`");
-  addReportOutputOptions(*sub, opt->output, "run", "check", "Print only failures and the footer");
   sub->callback([opt, &exit_code] { exit_code = runRun(*opt); });
 }
 

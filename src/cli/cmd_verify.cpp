@@ -35,6 +35,7 @@ void setupVerifyCommand(CLI::App& app, int& exit_code) {
   auto opt = std::make_shared<VerifyCliOptions>();
   CLI::App* sub = app.add_subcommand("verify", "Check the aux-loss gradient a real training job captured");
   sub->add_option("capture", opt->capture_dir, "Capture directory (rank{R}.safetensors per rank)")->required();
+  addReportOutputOptions(*sub, opt->output, "verify", "check", "Print only failures and the footer");
   sub->add_option("--rtol", opt->rtol,
                   "Relative tolerance (default: from the coarser of the manifest's compute_dtype and the "
                   "gradient's dtype: float64 1e-7, float32 1e-4, float16 1e-2, bfloat16 0.2)")
@@ -42,7 +43,6 @@ void setupVerifyCommand(CLI::App& app, int& exit_code) {
   sub->add_option("--expect", opt->expect,
                   "What exit code 0 means, e.g. verdict=fail,diagnosis=AUX_GRAD_SCALED,factor=1/dp (default: "
                   "every check passes)");
-  addReportOutputOptions(*sub, opt->output, "verify", "check", "Print only failures and the footer");
   sub->callback([opt, &exit_code] { exit_code = runVerifyCommand(*opt); });
 }
 

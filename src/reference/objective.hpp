@@ -18,17 +18,8 @@ namespace moe {
 //           z_loss_func),
 //   J_main = the main-loss scope's mean of 0.5 ||h_L - y||^2.
 // omega_G is 1/#non-empty groups (uniform) or T_G / sum T (tokens). Counts c carry no gradient.
-struct ObjectiveDefinition {
-  ScoreFunction score = ScoreFunction::kSoftmax;
-  int top_k = 2;
-  bool norm_topk_prob = false;
-  AuxScope aux_scope = AuxScope::kMicroBatch;
-  double aux_coeff = 0.0;       // alpha
-  double z_coeff = 0.0;         // beta
-  ZLossScope z_scope = ZLossScope::kMicroBatch;
-  bool exclude_padding = true;  // aux and z-loss token sets: valid tokens only (true) or all tokens
-  // How groups are averaged (resolved: never kPreset). Applies to the micro_batch z-loss groups too.
-  GroupWeighting group_weighting = GroupWeighting::kUniform;
+// The router terms (score, top_k, aux and z-loss) are RouterLossTerms' (scenario/scenario.hpp).
+struct ObjectiveDefinition : RouterLossTerms {
   MainLossScope main_scope = MainLossScope::kMicrobatchMean;
   // dp and microbatches split the batch into the micro_batch groups: dp * microbatches consecutive
   // chunks of B / (dp * microbatches) sequences each (the other sizes are not read).

@@ -9,6 +9,7 @@
 
 #include "data/problem.hpp"
 #include "reference/objective.hpp"
+#include "reference/reference_summary.hpp"
 #include "scenario/scenario.hpp"
 
 namespace moe {
@@ -47,18 +48,10 @@ struct DirectionalDerivative {
   double fd_error = 0.0;
 };
 
-struct ReferenceResult {
+// The summary (method, steps, error estimate, values: reference_summary.hpp), then the gradients.
+struct ReferenceResult : ReferenceSummary {
   std::vector<ReferenceLayer> layers;
-  double aux_value = 0.0, z_value = 0.0, main_value = 0.0;  // summed over layers
-  std::int64_t empty_groups = 0;    // aux groups with no token in their token set
-  std::int64_t near_ties = 0;       // elements whose step was shrunk below `step` by a top-k margin
-  std::int64_t frozen_elements = 0; // elements evaluated with routing frozen (margin < min_step, or a
-                                    // later layer's routing would have flipped)
-  double max_step = 0.0;
-  double fd_error_estimate = 0.0;   // max over layers of aux_fd_error
-  std::string method;               // human-readable description of how the numbers were produced
   std::vector<DirectionalDerivative> directional;
-  double seconds = 0.0;
   // Where `seconds` went: the cached forward pass, the per-layer logit gradients + chain rule (aux and,
   // with_main, main together: they share one suffix recompute per token), the directional checks.
   struct Phases {

@@ -11,6 +11,7 @@
 
 #include "capture/capture.hpp"
 #include "common/diagnosis_code.hpp"
+#include "reference/reference_summary.hpp"
 #include "scenario/catalog.hpp"
 #include "scenario/scenario.hpp"
 
@@ -90,19 +91,6 @@ struct CheckResult {
   double seconds = std::numeric_limits<double>::quiet_NaN();
 };
 
-struct ReferenceSummary {
-  std::string method;
-  double step = 0.0;               // the largest FD step used (logit units)
-  double fd_error_estimate = 0.0;  // Richardson estimate, max over elements, absolute
-  std::int64_t near_ties = 0;      // elements whose top-k margin forced a smaller step
-  std::int64_t frozen_tokens = 0;  // elements evaluated with the routing frozen
-  std::int64_t empty_groups = 0;   // aux groups with no valid token, left out of their mean
-  double aux_value = 0.0;          // J_aux (alpha included), summed over layers
-  double z_value = 0.0;            // J_z (beta included)
-  double main_value = 0.0;         // main objective
-  double seconds = 0.0;
-};
-
 struct ToolInfo {
   std::string version;
   std::string torch_version;
@@ -112,13 +100,11 @@ struct ToolInfo {
 // What a verify report says about the capture it judged.
 struct CaptureSummary {
   std::string directory;
-  int world_size = 1;
-  CaptureMesh mesh;  // sizes under the manifest's own key names (coordinates not used)
-  CaptureObjective objective;
-  std::string framework;
-  std::string created_by;
+  // Rank 0's manifest: world_size, the mesh sizes under the manifest's own key names, the objective
+  // (defaults filled in), framework and created_by. Its coordinates and layers are not reported.
+  CaptureManifest manifest;
   std::int64_t tokens = 0;  // valid tokens of the global batch
-  std::vector<int> layers;
+  std::vector<int> layers;  // every layer of the capture
 };
 
 struct Timing {

@@ -248,19 +248,19 @@ void ConsoleReporter::reportContext(const ReportContext& context) {
   }
   if (context.capture) {
     const CaptureSummary& c = *context.capture;
-    out << "# capture: " << c.directory << "  (" << c.world_size << " rank files";
-    if (!c.framework.empty()) out << "; framework: " << c.framework;
+    out << "# capture: " << c.directory << "  (" << c.manifest.world_size << " rank files";
+    if (!c.manifest.framework.empty()) out << "; framework: " << c.manifest.framework;
     out << ")\n";
-    const CaptureMesh& m = c.mesh;
+    const CaptureMesh& m = c.manifest.mesh;
     out << fmt::format("# mesh: dp_size={} cp_size={} pp_size={} tp_size={} ep_size={} microbatches={} world={}\n",
-                       m.dp_size, m.cp_size, m.pp_size, m.tp_size, m.ep_size, m.microbatches, c.world_size);
-    const CaptureObjective& o = c.objective;
-    out << fmt::format("# objective: aux {} coeff={} z_loss_coeff={} z_loss_scope={} top_k={} score={}{} "
-                       "group_weighting={} exclude_padding={} compute_dtype={}  tokens: {}\n",
-                       toString(o.aux_type), numberText(o.coeff), numberText(o.z_loss_coeff),
-                       toString(o.z_loss_scope), o.top_k, toString(o.score),
-                       o.norm_topk_prob ? " norm_topk_prob" : "", toString(o.group_weighting),
-                       o.exclude_padding ? "true" : "false", toString(o.compute_dtype), c.tokens);
+                       m.dp_size, m.cp_size, m.pp_size, m.tp_size, m.ep_size, m.microbatches, c.manifest.world_size);
+    const CaptureObjective& o = c.manifest.objective;
+    out << fmt::format(
+        "# objective: aux {} coeff={} z_loss_coeff={} z_loss_scope={} top_k={} score={}{} "
+        "group_weighting={} exclude_padding={} compute_dtype={}  tokens: {}\n",
+        toString(o.aux_scope), numberText(o.aux_coeff), numberText(o.z_coeff), toString(o.z_scope), o.top_k,
+        toString(o.score), o.norm_topk_prob ? " norm_topk_prob" : "", toString(o.group_weighting),
+        o.exclude_padding ? "true" : "false", toString(o.compute_dtype), c.tokens);
   }
   out << "#\n";
 }
@@ -321,9 +321,10 @@ void ConsoleReporter::finalize(const ReportSummary& summary) {
     out << "#\n";
     if (summary.reference) {
       const ReferenceSummary& r = *summary.reference;
-      out << "# reference: method=" << (r.method.empty() ? "-" : r.method) << ", step=" << formatScientific(r.step, 2)
+      out << "# reference: method=" << (r.method.empty() ? "-" : r.method)
+          << ", step=" << formatScientific(r.max_step, 2)
           << ", fd error estimate=" << formatScientific(r.fd_error_estimate, 2) << ", near-ties=" << r.near_ties
-          << ", frozen=" << r.frozen_tokens << ", empty groups=" << r.empty_groups << "\n";
+          << ", frozen=" << r.frozen_elements << ", empty groups=" << r.empty_groups << "\n";
       out << "# objective: aux=" << formatGeneral(r.aux_value, 9) << " z=" << formatGeneral(r.z_value, 9);
       if (kind == ReportKind::kRun) out << " main=" << formatGeneral(r.main_value, 9);
       out << "\n";
@@ -414,10 +415,10 @@ ordered_json scenarioJson(const Scenario& sc) {
 ordered_json referenceJson(const ReferenceSummary& r) {
   ordered_json reference;
   reference["method"] = r.method;
-  reference["step"] = numberOrNull(r.step);
+  reference["step"] = numberOrNull(r.max_step);
   reference["fd_error_estimate"] = numberOrNull(r.fd_error_estimate);
   reference["near_ties"] = r.near_ties;
-  reference["frozen_tokens"] = r.frozen_tokens;
+  reference["frozen_tokens"] = r.frozen_elements;
   reference["empty_groups"] = r.empty_groups;
   reference["aux_value"] = numberOrNull(r.aux_value);
   reference["z_value"] = numberOrNull(r.z_value);
@@ -429,22 +430,23 @@ ordered_json referenceJson(const ReferenceSummary& r) {
 ordered_json captureJson(const CaptureSummary& c) {
   ordered_json j;
   j["directory"] = c.directory;
-  j["world_size"] = c.world_size;
-  j["mesh"] = {{"dp_size", c.mesh.dp_size}, {"cp_size", c.mesh.cp_size}, {"pp_size", c.mesh.pp_size},
-               {"tp_size", c.mesh.tp_size}, {"ep_size", c.mesh.ep_size}, {"microbatches", c.mesh.microbatches}};
-  const CaptureObjective& o = c.objective;
-  j["objective"] = {{"aux_type", toString(o.aux_type)},
-                    {"coeff", o.coeff},
-                    {"z_loss_coeff", o.z_loss_coeff},
-                    {"z_loss_scope", toString(o.z_loss_scope)},
+  j["world_size"] = c.manifest.world_size;
+  const CaptureMesh& m = c.manifest.mesh;
+  j["mesh"] = {{"dp_size", m.dp_size}, {"cp_size", m.cp_size}, {"pp_size", m.pp_size},
+               {"tp_size", m.tp_size}, {"ep_size", m.ep_size}, {"microbatches", m.microbatches}};
+  const CaptureObjective& o = c.manifest.objective;
+  j["objective"] = {{"aux_type", toString(o.aux_scope)},
+                    {"coeff", o.aux_coeff},
+                    {"z_loss_coeff", o.z_coeff},
+                    {"z_loss_scope", toString(o.z_scope)},
                     {"top_k", o.top_k},
                     {"score", toString(o.score)},
                     {"norm_topk_prob", o.norm_topk_prob},
                     {"exclude_padding", o.exclude_padding},
                     {"group_weighting", toString(o.group_weighting)},
                     {"compute_dtype", toString(o.compute_dtype)}};
-  j["framework"] = c.framework;
-  j["created_by"] = c.created_by;
+  j["framework"] = c.manifest.framework;
+  j["created_by"] = c.manifest.created_by;
   j["layers"] = c.layers;
   j["tokens"] = c.tokens;
   return j;

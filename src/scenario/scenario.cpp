@@ -229,39 +229,36 @@ Field<S> intField(const char* key, int S::*member, int min_value, int max_value)
           }};
 }
 
+// A member read by one of ValueReader's typed reads and written as it is; `check` is its range rule
+// (empty: the reader's type check is the whole rule).
+template <class S, class T>
+Field<S> typedField(const char* key, T S::*member, T (ValueReader::*read)(const Json&, const std::string&) const,
+                    std::function<void(const Scenario&, const S&, const std::string&)> check = {}) {
+  return {
+      key,
+      [=](const ValueReader& r, const Json& v, const std::string& path, S& out) { out.*member = (r.*read)(v, path); },
+      [=](const S& s) { return OrderedJson(s.*member); }, std::move(check)};
+}
+
 // A coefficient: a finite number >= 0 (the reader's rule; overrides are checked again).
 template <class S>
 Field<S> coefficientField(const char* key, double S::*member) {
-  return {key,
-          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
-            out.*member = r.readNonNegative(v, path);
-          },
-          [=](const S& s) { return OrderedJson(s.*member); },
-          [=](const Scenario& sc, const S& s, const std::string& path) {
-            const double value = s.*member;
-            if (!std::isfinite(value) || value < 0)
-              failAt(sc, path, fmt::format("{} ({}) must be a finite number >= 0", key, numberText(value)));
-          }};
+  return typedField<S, double>(
+      key, member, &ValueReader::readNonNegative, [=](const Scenario& sc, const S& s, const std::string& path) {
+        const double value = s.*member;
+        if (!std::isfinite(value) || value < 0)
+          failAt(sc, path, fmt::format("{} ({}) must be a finite number >= 0", key, numberText(value)));
+      });
 }
 
 template <class S>
 Field<S> boolField(const char* key, bool S::*member) {
-  return {key,
-          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
-            out.*member = r.readBool(v, path);
-          },
-          [=](const S& s) { return OrderedJson(s.*member); },
-          {}};
+  return typedField<S, bool>(key, member, &ValueReader::readBool);
 }
 
 template <class S>
 Field<S> stringField(const char* key, std::string S::*member) {
-  return {key,
-          [=](const ValueReader& r, const Json& v, const std::string& path, S& out) {
-            out.*member = r.readString(v, path);
-          },
-          [=](const S& s) { return OrderedJson(s.*member); },
-          {}};
+  return typedField<S, std::string>(key, member, &ValueReader::readString);
 }
 
 template <class S, class E, std::size_t N>

@@ -32,6 +32,23 @@ enum class MainLossScope { kMicrobatchMean, kTokenMean };
 //  kPreset:  whichever the preset computes (the default; resolveScenario replaces it).
 enum class GroupWeighting { kPreset, kUniform, kTokens };
 
+// The router loss terms an objective is made of, as a scenario (model and aux sections) and a capture's
+// manifest (objective) both state them: the score function and top-k routing, the load-balancing aux
+// loss (its group scope, coefficient alpha and group weighting) and the router z-loss (coefficient
+// beta, scope). ObjectiveDefinition (reference/objective.hpp) and CaptureObjective extend it.
+struct RouterLossTerms {
+  ScoreFunction score = ScoreFunction::kSoftmax;
+  int top_k = 2;
+  bool norm_topk_prob = false;
+  AuxScope aux_scope = AuxScope::kMicroBatch;
+  double aux_coeff = 0.0;  // alpha
+  double z_coeff = 0.0;    // beta
+  ZLossScope z_scope = ZLossScope::kMicroBatch;
+  bool exclude_padding = true;  // aux and z-loss token sets: valid tokens only (true) or all tokens
+  // How groups are averaged (resolved: never kPreset). Applies to the micro_batch z-loss groups too.
+  GroupWeighting group_weighting = GroupWeighting::kUniform;
+};
+
 // The framework conventions the tool models (src/scenario/catalog.cpp holds one record each).
 enum class Preset { kMegatron, kMegatronPerToken, kNemoAutomodel, kTorchtitan, kDeepSpeed, kHfTrainer };
 // The catalog's named faults, each a shipped bug (src/scenario/catalog.cpp: one record each).

@@ -56,37 +56,29 @@ GroupAssignment groupsOf(const CaptureLayer& layer, const CaptureManifest& manif
   for (const CaptureToken& t : layer.tokens)
     sequence_group.emplace(t.sequence, static_cast<int>(sequence_group.size()));
   const int microbatch_groups = manifest.mesh.dp_size * M;
-  switch (o.aux_type) {
+  switch (o.aux_scope) {
     case AuxScope::kMicroBatch: g.aux_groups = microbatch_groups; break;
     case AuxScope::kSequence: g.aux_groups = static_cast<int>(sequence_group.size()); break;
     case AuxScope::kGlobalBatch: g.aux_groups = 1; break;
   }
-  g.z_groups = o.z_loss_scope == ZLossScope::kMicroBatch ? microbatch_groups : 1;
+  g.z_groups = o.z_scope == ZLossScope::kMicroBatch ? microbatch_groups : 1;
   for (std::size_t i = 0; i < n; ++i) {
     const CaptureToken& t = layer.tokens[i];
     if (o.exclude_padding && !t.valid) continue;
     const int microbatch_group = t.dp * M + t.microbatch;
-    switch (o.aux_type) {
+    switch (o.aux_scope) {
       case AuxScope::kMicroBatch: g.aux_group[i] = microbatch_group; break;
       case AuxScope::kSequence: g.aux_group[i] = sequence_group.at(t.sequence); break;
       case AuxScope::kGlobalBatch: g.aux_group[i] = 0; break;
     }
-    g.z_group[i] = o.z_loss_scope == ZLossScope::kMicroBatch ? microbatch_group : 0;
+    g.z_group[i] = o.z_scope == ZLossScope::kMicroBatch ? microbatch_group : 0;
   }
   return g;
 }
 
 ObjectiveDefinition objectiveOf(const CaptureObjective& o) {
   ObjectiveDefinition d;
-  d.score = o.score;
-  d.top_k = o.top_k;
-  d.norm_topk_prob = o.norm_topk_prob;
-  d.aux_scope = o.aux_type;
-  d.aux_coeff = o.coeff;
-  d.z_coeff = o.z_loss_coeff;
-  d.z_scope = o.z_loss_scope;
-  d.exclude_padding = o.exclude_padding;
-  d.group_weighting = o.group_weighting;
+  static_cast<RouterLossTerms&>(d) = o;
   return d;
 }
 
@@ -95,12 +87,8 @@ ObjectiveDefinition objectiveOf(const CaptureObjective& o) {
 MeshQuantities quantitiesOf(const Capture& capture) {
   const CaptureMesh& m = capture.manifest.mesh;
   MeshQuantities q;
-  q.sizes.dp = m.dp_size;
-  q.sizes.cp = m.cp_size;
-  q.sizes.pp = m.pp_size;
-  q.sizes.tp = m.tp_size;
-  q.sizes.ep = m.ep_size;
-  q.sizes.microbatches = m.microbatches;
+  q.sizes = MeshSizes{/*tp*/ m.tp_size, /*cp*/ m.cp_size, /*dp*/ m.dp_size,
+                      /*pp*/ m.pp_size, /*ep*/ m.ep_size, /*microbatches*/ m.microbatches};
   q.attribute_world = true;
   if (capture.layers.empty()) return q;
   const CaptureLayer& layer = capture.layers.front();
@@ -139,11 +127,7 @@ Report verifyCapture(const Capture& capture, const VerifyOptions& options, const
   context.tool = tool;
   CaptureSummary summary;
   summary.directory = capture.directory;
-  summary.world_size = capture.world_size;
-  summary.mesh = manifest.mesh;
-  summary.objective = manifest.objective;
-  summary.framework = manifest.framework;
-  summary.created_by = manifest.created_by;
+  summary.manifest = manifest;
   for (const CaptureLayer& layer : capture.layers) summary.layers.push_back(layer.layer);
   const MeshQuantities quantities = quantitiesOf(capture);
   summary.tokens = static_cast<std::int64_t>(capture.layers.empty() ? 0 : quantities.tokens);
@@ -168,10 +152,10 @@ Report verifyCapture(const Capture& capture, const VerifyOptions& options, const
     const LayerLocalResult ref = computeLayerLocalReference(in, objective, options.reference);
     reference_seconds += ref.seconds;
     reference.method = ref.method;
-    reference.step = std::max(reference.step, ref.max_step);
+    reference.max_step = std::max(reference.max_step, ref.max_step);
     reference.fd_error_estimate = std::max(reference.fd_error_estimate, ref.fd_error);
     reference.near_ties += ref.near_ties;
-    reference.frozen_tokens += ref.frozen_elements;
+    reference.frozen_elements += ref.frozen_elements;
     reference.empty_groups = ref.empty_groups;
     reference.aux_value += ref.aux_value;
     reference.z_value += ref.z_value;
@@ -190,7 +174,7 @@ Report verifyCapture(const Capture& capture, const VerifyOptions& options, const
   }
   report.checks.insert(report.checks.end(), replica_checks.begin(), replica_checks.end());
   report.checks.insert(report.checks.end(), routing_findings.begin(), routing_findings.end());
-  if (auto finding = findRoutingMargins(reference.frozen_tokens)) report.checks.push_back(*finding);
+  if (auto finding = findRoutingMargins(reference.frozen_elements)) report.checks.push_back(*finding);
   reference.seconds = reference_seconds;
 
   ReportSummary& s = report.summary;

@@ -8,7 +8,7 @@
 #include <set>
 #include <string>
 
-#include "../bad_input_table.hpp"
+#include "../bad_input_test.hpp"
 #include "../torch/test_support.hpp"
 
 #ifndef MOE_INPUTS_DRIVER_PATH
@@ -18,17 +18,14 @@
 namespace moe::badinput {
 namespace {
 
-class BadInputThroughDriver : public ::testing::TestWithParam<BadInputCase> {};
+class BadInputThroughDriver : public BadInputTest {};
 
 TEST_P(BadInputThroughDriver, Exits2NamingTheFileAndPathAndWritesNothing) {
   const BadInputCase& row = GetParam();
-  test::TempDir dir("moe-bad-input");
-  const badinput::BuiltInput input = row.build(dir.path());
-  if (!input.skip_reason.empty()) GTEST_SKIP() << input.skip_reason;
-  const std::set<std::string> before = listTree(dir.path());
+  const BuiltInput& input = input_;
   const char* subcommand = row.kind == InputKind::kCapture ? "capture" : "scenario";
-  const std::string report = (dir / "R.json").string();
-  const std::string err_file = (dir / "stderr.txt").string();
+  const std::string report = reportPath();
+  const std::string err_file = stderrPath();
   const test::ShellRun run = test::runShell(std::string(MOE_INPUTS_DRIVER_PATH) + " " + subcommand + " '" +
                                             input.path + "' --report '" + report + "' 2>'" + err_file + "'");
   const std::string err = test::readText(err_file);
@@ -39,7 +36,7 @@ TEST_P(BadInputThroughDriver, Exits2NamingTheFileAndPathAndWritesNothing) {
     EXPECT_TRUE(test::contains(err, expected)) << "message lacks \"" << expected << "\": " << err;
   EXPECT_TRUE(test::contains(err, "moe-lbcheck-inputs: error: ")) << err;
   EXPECT_FALSE(fs::exists(report)) << "a --report was written for bad input";
-  EXPECT_EQ(listTree(dir.path()), before) << "the driver changed the directory";
+  EXPECT_EQ(listTree(dir_.path()), before_) << "the driver changed the directory";
 }
 
 INSTANTIATE_TEST_SUITE_P(Table, BadInputThroughDriver, ::testing::ValuesIn(badinput::badInputCases()),

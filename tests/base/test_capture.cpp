@@ -225,8 +225,8 @@ TEST_F(CaptureTest, LoadsTokensGroupsWeightsAndGradients) {
   EXPECT_EQ(m.mesh.microbatches, 2);
   EXPECT_EQ(m.layers, (std::vector<int>{0, 1}));
   EXPECT_EQ(m.seq_len, 4);
-  EXPECT_EQ(m.objective.aux_type, AuxScope::kMicroBatch);
-  EXPECT_EQ(m.objective.coeff, 0.01);
+  EXPECT_EQ(m.objective.aux_scope, AuxScope::kMicroBatch);
+  EXPECT_EQ(m.objective.aux_coeff, 0.01);
   EXPECT_EQ(m.objective.top_k, 2);
   EXPECT_EQ(m.framework, "unit test");
   EXPECT_EQ(m.created_by, "tests/base/test_capture.cpp");
@@ -373,8 +373,8 @@ TEST_F(CaptureTest, ManifestDefaultsAreFilledIn) {
   EXPECT_EQ(m.mesh.tp, 0);
   EXPECT_EQ(m.mesh.ep, 0);
   EXPECT_EQ(m.mesh.ep_size, 1);
-  EXPECT_EQ(m.objective.z_loss_coeff, 0.0);
-  EXPECT_EQ(m.objective.z_loss_scope, ZLossScope::kMicroBatch);
+  EXPECT_EQ(m.objective.z_coeff, 0.0);
+  EXPECT_EQ(m.objective.z_scope, ZLossScope::kMicroBatch);
   EXPECT_FALSE(m.objective.norm_topk_prob);
   EXPECT_TRUE(m.objective.exclude_padding);
   EXPECT_EQ(m.objective.group_weighting, GroupWeighting::kUniform);
@@ -388,9 +388,9 @@ TEST_F(CaptureTest, EveryOptionalValueIsRead) {
   std::vector<CaptureRankRecord> ranks = buildJob(JobShape{});
   for (CaptureRankRecord& rank : ranks) {
     CaptureObjective& o = rank.manifest.objective;
-    o.aux_type = AuxScope::kSequence;
-    o.z_loss_coeff = 0.001;
-    o.z_loss_scope = ZLossScope::kGlobalBatch;
+    o.aux_scope = AuxScope::kSequence;
+    o.z_coeff = 0.001;
+    o.z_scope = ZLossScope::kGlobalBatch;
     o.score = ScoreFunction::kSigmoid;
     o.norm_topk_prob = true;
     o.exclude_padding = false;
@@ -403,9 +403,9 @@ TEST_F(CaptureTest, EveryOptionalValueIsRead) {
   writeCapture(dir(), ranks);
   const Capture capture = loadCapture(dir());
   const CaptureObjective& o = capture.manifest.objective;
-  EXPECT_EQ(o.aux_type, AuxScope::kSequence);
-  EXPECT_EQ(o.z_loss_coeff, 0.001);
-  EXPECT_EQ(o.z_loss_scope, ZLossScope::kGlobalBatch);
+  EXPECT_EQ(o.aux_scope, AuxScope::kSequence);
+  EXPECT_EQ(o.z_coeff, 0.001);
+  EXPECT_EQ(o.z_scope, ZLossScope::kGlobalBatch);
   EXPECT_EQ(o.score, ScoreFunction::kSigmoid);
   EXPECT_TRUE(o.norm_topk_prob);
   EXPECT_FALSE(o.exclude_padding);

@@ -99,7 +99,7 @@ Report sampleReport() {
   report.checks = {passing, failing, finding};
   ReferenceSummary reference;
   reference.method = "fd-logit-chain";
-  reference.step = 1e-6;
+  reference.max_step = 1e-6;
   reference.fd_error_estimate = 3e-11;
   reference.near_ties = 2;
   reference.empty_groups = 1;

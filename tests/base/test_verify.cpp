@@ -189,10 +189,10 @@ std::vector<CaptureRankRecord> captureOf(const Job& job, const Layer& l, const R
       m.mesh.microbatches = job.microbatches;
       m.layers = {0};
       m.seq_len = job.seq_len;
-      m.objective.aux_type = job.aux_type;
-      m.objective.coeff = job.coeff;
-      m.objective.z_loss_coeff = job.z_coeff;
-      m.objective.z_loss_scope = job.z_scope;
+      m.objective.aux_scope = job.aux_type;
+      m.objective.aux_coeff = job.coeff;
+      m.objective.z_coeff = job.z_coeff;
+      m.objective.z_scope = job.z_scope;
       m.objective.top_k = job.top_k;
       m.objective.score = ScoreFunction::kSoftmax;
       m.objective.compute_dtype = DType::kFloat64;

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "../bad_input_table.hpp"
+#include "../bad_input_test.hpp"
 #include "test_support.hpp"
 
 #ifndef MOE_CLI_PATH
@@ -29,16 +29,13 @@ std::vector<std::string> subcommandsFor(InputKind kind) {
   return {};
 }
 
-class BadInputThroughCli : public ::testing::TestWithParam<BadInputCase> {};
+class BadInputThroughCli : public BadInputTest {};
 
 TEST_P(BadInputThroughCli, Exits2NamingTheFileAndPathAndWritesNothing) {
   const BadInputCase& row = GetParam();
-  test::TempDir dir("moe-bad-input-cli");
-  const badinput::BuiltInput input = row.build(dir.path());
-  if (!input.skip_reason.empty()) GTEST_SKIP() << input.skip_reason;
-  const std::set<std::string> before = listTree(dir.path());
-  const std::string report = (dir / "R.json").string();
-  const std::string err_file = (dir / "stderr.txt").string();
+  const BuiltInput& input = input_;
+  const std::string report = reportPath();
+  const std::string err_file = stderrPath();
   for (const std::string& subcommand : subcommandsFor(row.kind)) {
     std::string command = std::string(MOE_CLI_PATH) + " " + subcommand + " '" + input.path + "'";
     if (subcommand != "validate") command += " --report '" + report + "'";
@@ -51,7 +48,7 @@ TEST_P(BadInputThroughCli, Exits2NamingTheFileAndPathAndWritesNothing) {
       EXPECT_TRUE(test::contains(message, expected)) << subcommand << ": message lacks \"" << expected
                                                     << "\": " << message;
     EXPECT_FALSE(fs::exists(report)) << subcommand << " wrote a --report for bad input";
-    EXPECT_EQ(listTree(dir.path()), before) << subcommand << " changed the directory";
+    EXPECT_EQ(listTree(dir_.path()), before_) << subcommand << " changed the directory";
   }
 }
 

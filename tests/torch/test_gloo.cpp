@@ -58,11 +58,8 @@
 #include "sim/emulated_backend.hpp"
 #include "sim/rank_program.hpp"
 
-#ifndef MOE_CLI_PATH
-#error "MOE_CLI_PATH must name the moe-lbcheck binary"
-#endif
-#ifndef MOE_SCENARIOS_DIR
-#error "MOE_SCENARIOS_DIR must name the scenarios directory"
+#if !defined(MOE_CLI_PATH) || !defined(MOE_SCENARIOS_DIR)
+#error "MOE_CLI_PATH and MOE_SCENARIOS_DIR must name the moe-lbcheck binary and the scenarios directory"
 #endif
 
 extern char** environ;

@@ -10,17 +10,16 @@
 
 namespace moe::reference {
 
-std::vector<double> chainRule(const double* hidden, const std::vector<double>& grad_logits, Index T, int H,
-                              int E) {
+std::vector<double> chainRule(const double* hidden, const double* grad_logits, Index T, int H, int E) {
   std::vector<double> grad(std::size_t(H) * E, 0.0);
   const SingleThreadedBlas small(double(T) * H * E < kSmallBlasWork);
-  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, E, int(T), 1.0, hidden, H, grad_logits.data(), E,
-              0.0, grad.data(), E);
+  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, E, int(T), 1.0, hidden, H, grad_logits, E, 0.0, grad.data(),
+              E);
   return grad;
 }
 
-double chainRuleErrorBound(double max_hidden_column_norm, const std::vector<double>& err, Index T, int E) {
-  if (err.empty()) return 0.0;
+double chainRuleErrorBound(double max_hidden_column_norm, const double* err, Index T, int E) {
+  if (err == nullptr) return 0.0;
   std::vector<double> e_norm(E, 0.0);
   for (Index t = 0; t < T; ++t) {
     const double* et = &err[std::size_t(t) * E];

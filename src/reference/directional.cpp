@@ -69,8 +69,8 @@ DirectionalResult directionalDerivative(const ForwardCache& cache, const std::ve
       if (!cache.auxToken(t)) continue;
       const double slope = eps / 4.0 * first.scale * first.hidden_dot_u[t];
       for (int e = 0; e < E; ++e) {
-        em_up[2][e] = std::expm1(slope * first.v[e]);
-        em_down[2][e] = std::expm1(-slope * first.v[e]);
+        em_up[2][e] = expm1Small(slope * first.v[e]);
+        em_down[2][e] = expm1Small(-slope * first.v[e]);
       }
       for (int lev = 1; lev >= 0; --lev)
         for (int e = 0; e < E; ++e) {

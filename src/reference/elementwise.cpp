@@ -36,10 +36,11 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
   const bool with_main = suffix != nullptr && suffix->withMain();
   const std::size_t TE = std::size_t(T) * E;
   LogitGradients out;
-  out.aux.assign(TE, 0.0);
-  out.aux_err.assign(TE, 0.0);
-  out.main.assign(with_main ? TE : 0, 0.0);
-  out.main_err.assign(with_main ? TE : 0, 0.0);
+  // Sized without a fill: the workers write every row, zeros for the tokens that contribute nothing.
+  out.aux.resize(TE);
+  out.aux_err.resize(TE);
+  out.main.resize(with_main ? TE : 0);
+  out.main_err.resize(with_main ? TE : 0);
   const int workers = workerCount();
   struct Counters {
     std::int64_t ties = 0, frozen = 0;
@@ -53,6 +54,7 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
     table_plus[lev] = std::expm1(options.step / double(1 << lev));
     table_minus[lev] = std::expm1(-options.step / double(1 << lev));
   }
+  const bool plain_softmax = shape.softmax && !shape.norm_topk_prob;
   parallelFor(T, workers, [&](Index begin, Index end, int worker) {
     Scratch scratch(layer.hidden, E, k, layer.ffn);
     std::vector<char> in_topk(E, 0);
@@ -61,7 +63,12 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
       // aux_token: contributes aux/z terms at this layer; has_suffix: a later term depends on it.
       const bool aux_token = layer.groups.aux_group[t] >= 0 && layer.has_aux_terms;
       const bool has_suffix = suffix != nullptr && suffix->needed(t);
-      if (!aux_token && !has_suffix) continue;
+      if (!aux_token && !has_suffix) {
+        const std::size_t row_begin = std::size_t(t) * E;
+        for (FilledLater* v : {&out.aux, &out.aux_err, &out.main, &out.main_err})
+          if (!v->empty()) std::fill(v->begin() + row_begin, v->begin() + row_begin + E, 0.0);
+        continue;
+      }
       const TokenRow row = tokenRow(layer.cache, shape, layer.groups, t);
       const double* rank = row.rank;
       const int* topk = row.topk;
@@ -90,8 +97,43 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
         double suffix_err_aux = 0.0, suffix_err_main = 0.0;
         for (int lev = 0; lev < 3; ++lev) {
           const double d = h / double(1 << lev);
-          const double em_plus = tabled ? table_plus[lev] : std::expm1(d);
-          const double em_minus = tabled ? table_minus[lev] : std::expm1(-d);
+          const double em_plus = tabled ? table_plus[lev] : expm1Small(d);
+          const double em_minus = tabled ? table_minus[lev] : expm1Small(-d);
+          if (plain_softmax) {
+            // The softmax gates without top-k normalization (Megatron's and DeepSeek-V3's default):
+            // localDelta and gateChange written out with their shared denominator S + q (one division
+            // per side instead of 1 + k), the same closed-form differences.
+            const double inv_2d = 1.0 / (2.0 * d);
+            const double q_up = row.ex[j] * em_plus, q_down = row.ex[j] * em_minus;
+            const double inv_up = 1.0 / (row.S + q_up), inv_down = 1.0 / (row.S + q_down);
+            if (aux_token) {
+              const double w_minus_a = row.w[j] - row.a;
+              double up = q_up * w_minus_a * inv_up, down = q_down * w_minus_a * inv_down;
+              if (row.zw != 0.0) {
+                const double dl_up = std::log1p(q_up / row.S), dl_down = std::log1p(q_down / row.S);
+                up += row.zw * dl_up * (2.0 * row.lse + dl_up);
+                down += row.zw * dl_down * (2.0 * row.lse + dl_down);
+              }
+              D_aux[lev] = (up - down) * inv_2d;
+            } else {
+              D_aux[lev] = 0.0;
+            }
+            D_main[lev] = 0.0;
+            if (!has_suffix) continue;
+            for (int s = 0; s < k; ++s) {
+              const double own = topk[s] == j ? 1.0 : 0.0;
+              const double dg_up = (own - row.gate[s]) * q_up * inv_up;
+              const double dg_down = (own - row.gate[s]) * q_down * inv_down;
+              const double gate_slope = (dg_up - dg_down) * inv_2d;
+              D_aux[lev] += scratch.psi_aux[s] * gate_slope;
+              D_main[lev] += scratch.psi_main[s] * gate_slope;
+              if (lev > 0) continue;
+              suffix_err_aux += std::abs(gate_slope) * scratch.psi_aux_err[s];
+              suffix_err_main += std::abs(gate_slope) * scratch.psi_main_err[s];
+              if (gate_slope != 0.0 && scratch.psi_flipped[s]) routing_changed = true;
+            }
+            continue;
+          }
           D_aux[lev] = aux_token ? (localDelta(row, shape.softmax, j, em_plus, em_minus) -
                                     localDelta(row, shape.softmax, j, em_minus, em_plus)) /
                                        (2.0 * d)

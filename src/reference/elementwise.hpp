@@ -11,8 +11,8 @@
 namespace moe::reference {
 
 struct LogitGradients {
-  std::vector<double> aux, aux_err;    // [T, E] d(J_aux + J_z)/dz and its error estimate
-  std::vector<double> main, main_err;  // [T, E] dJ_main/dz (empty without the main loss)
+  FilledLater aux, aux_err;            // [T, E] d(J_aux + J_z)/dz and its error estimate
+  FilledLater main, main_err;          // [T, E] dJ_main/dz (empty without the main loss)
   std::int64_t near_ties = 0;          // elements whose step was shrunk by a top-k margin
   std::int64_t frozen = 0;             // elements evaluated with the routing frozen
   double max_step = 0.0;

@@ -85,12 +85,13 @@ void ForwardCache::forward() {
   }
   if (with_main_) {
     // Main loss: sum over valid tokens of weight_t * 0.5 ||h_L - y||^2.
-    residual_.assign(std::size_t(T_) * H_, 0.0);
+    // h_L becomes h_L - y in place (h_L itself is not needed after this).
+    residual_ = std::move(final_hidden_);
     main_value_ = 0.0;
     for (Index t = 0; t < T_; ++t) {
       double sq = 0.0;
       for (int i = 0; i < H_; ++i) {
-        const double r = final_hidden_[t * H_ + i] - data_.y[t * H_ + i];
+        const double r = residual_[t * H_ + i] - data_.y[t * H_ + i];
         residual_[t * H_ + i] = r;
         sq += r * r;
       }
@@ -105,7 +106,7 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   const std::size_t TE = std::size_t(T_) * E_;
   const double* W = data_.router_weight[l].data();
   // z = h W [T, E], the first of the two products per layer.
-  c.logits.assign(TE, 0.0);
+  c.logits.resize(TE);  // written in full by the dgemm
   const SingleThreadedBlas small(double(T_) * H_ * E_ < kSmallBlasWork);
   cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T_), E_, H_, 1.0, h, H_, W, E_, 0.0,
               c.logits.data(), E_);
@@ -116,63 +117,104 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   c.has_experts = experts;
   if (!experts) return;
   const int k = k_, F = F_, H = H_;
-  c.act.assign(std::size_t(T_) * k * F, 0.0);
-  c.sech2.assign(std::size_t(T_) * k * F, 0.0);
-  std::vector<double>& next = l + 1 < L_ ? layers_[l + 1].hidden : final_hidden_;
-  next.assign(h, h + std::size_t(T_) * H);
+  c.act.resize(std::size_t(T_) * k * F);  // every slot is written by its expert below
+  // sech^2 enters only where a layer's input changes (stepLayer with dh != 0, the suffix basis of the
+  // last layer): never for layer 0, whose input x is fixed.
+  const bool with_sech2 = l > 0;
+  if (with_sech2) c.sech2.resize(std::size_t(T_) * k * F);
+  FilledLater& next = l + 1 < L_ ? layers_[l + 1].hidden : final_hidden_;
   // Grouped by expert: each expert's routed rows as one [n_e, H] block, two dgemms (pre-activation
   // x = h A_e, output tanh(x) B_e) instead of a matrix-vector product per (token, slot). The
   // [T, k, H] outputs are kept only while small (keep_outputs_; at DeepSeek-V3 size they would be
-  // 1.9 GB per layer): they are added into h_{l+1} here and otherwise recomputed per token from act
-  // where needed (expertOutput).
-  // Experts are computed `workers` at a time and added in expert order, so h_{l+1} does not depend on
-  // the thread count.
-  std::vector<std::vector<Index>> pairs_of(E_);  // t k + s of every slot routed to expert e
-  for (Index t = 0; t < T_; ++t)
-    for (int s = 0; s < k; ++s) pairs_of[c.topk[t * k + s]].push_back(t * k + s);
+  // 1.9 GB per layer): then every expert is computed in one parallel pass straight into c.out;
+  // otherwise `workers` experts at a time into per-worker buffers, and rows are recomputed per token
+  // from act where needed (expertOutput). Either way each token's slots are added into h_{l+1} in
+  // expert order, so h_{l+1} does not depend on the thread count or on which path ran.
+  // slots[first_row[e] .. first_row[e + 1]): the slots t k + s routed to expert e, in token order.
+  std::vector<Index> first_row(E_ + 1, 0), slots(std::size_t(T_) * k);
+  for (Index at = 0; at < T_ * k; ++at) ++first_row[c.topk[at] + 1];
+  for (int e = 0; e < E_; ++e) first_row[e + 1] += first_row[e];
+  {
+    std::vector<Index> cursor(first_row.begin(), first_row.end() - 1);
+    for (Index at = 0; at < T_ * k; ++at) slots[cursor[c.topk[at]]++] = at;
+  }
   const int workers = workerCount();
+  // Expert e's routed rows: activations (and sech^2) into the cache, outputs [n_e, H] into `out`.
+  const auto runExpert = [&](int e, std::vector<double>& rows, std::vector<double>& pre, double* out) {
+    const Index* pairs = &slots[first_row[e]];
+    const int n = static_cast<int>(first_row[e + 1] - first_row[e]);
+    rows.resize(std::size_t(n) * H);
+    for (int i = 0; i < n; ++i) {
+      const double* ht = h + (pairs[i] / k) * H;
+      std::copy(ht, ht + H, rows.begin() + std::size_t(i) * H);
+    }
+    pre.resize(std::size_t(n) * F);
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, H, 1.0, rows.data(), H,
+                &data_.expert_in[l][std::size_t(e) * H * F], F, 0.0, pre.data(), F);
+    for (int i = 0; i < n; ++i)
+      for (int f = 0; f < F; ++f) {
+        double& x = pre[std::size_t(i) * F + f];
+        if (with_sech2) {
+          const double ch = std::cosh(x);
+          c.sech2[std::size_t(pairs[i]) * F + f] = 1.0 / (ch * ch);
+        }
+        x = std::tanh(x);
+        c.act[std::size_t(pairs[i]) * F + f] = x;
+      }
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, F, 1.0, pre.data(), F,
+                &data_.expert_out[l][std::size_t(e) * F * H], H, 0.0, out, H);
+  };
+  if (keep_outputs_) {
+    // c.out grouped by expert: expert e's rows start at row first_row[e]; each dgemm writes its block
+    // in place. Then h_{l+1} = h_l + sum_s g_s out[t, s] per token, its slots in expert order.
+    c.out.resize(std::size_t(T_) * k * H);
+    c.out_row.resize(std::size_t(T_) * k);
+    for (Index row = 0; row < T_ * k; ++row) c.out_row[slots[row]] = row;
+    parallelFor(E_, workers, [&](Index begin, Index end, int) {
+      std::vector<double> rows, pre;
+      for (Index e = begin; e < end; ++e)
+        if (first_row[e + 1] > first_row[e])
+          runExpert(static_cast<int>(e), rows, pre, &c.out[std::size_t(first_row[e]) * H]);
+    });
+    next.resize(std::size_t(T_) * H);
+    parallelFor(T_, workers, [&](Index begin, Index end, int) {
+      std::vector<int> order(k);
+      for (Index t = begin; t < end; ++t) {
+        for (int s = 0; s < k; ++s) order[s] = s;
+        std::sort(order.begin(), order.end(), [&](int a, int b) { return c.topk[t * k + a] < c.topk[t * k + b]; });
+        double* nt = &next[std::size_t(t) * H];
+        std::copy(h + std::size_t(t) * H, h + std::size_t(t + 1) * H, nt);
+        for (int s : order) {
+          const double g = c.gate[t * k + s];
+          const double* row = &c.out[std::size_t(c.out_row[t * k + s]) * H];
+          for (int j = 0; j < H; ++j) nt[j] += g * row[j];
+        }
+      }
+    });
+    return;
+  }
+  next.assign(h, h + std::size_t(T_) * H);
   std::vector<std::vector<double>> outputs(workers);
-  if (keep_outputs_) c.out.assign(std::size_t(T_) * k * H, 0.0);
   for (int first = 0; first < E_; first += workers) {
     const int batch = std::min(workers, E_ - first);
     parallelFor(batch, workers, [&](Index b_begin, Index b_end, int) {
       std::vector<double> rows, pre;
       for (Index b = b_begin; b < b_end; ++b) {
         const int e = first + static_cast<int>(b);
-        const std::vector<Index>& pairs = pairs_of[e];
-        const int n = static_cast<int>(pairs.size());
-        if (n == 0) continue;
-        rows.resize(std::size_t(n) * H);
-        for (int i = 0; i < n; ++i) {
-          const double* ht = h + (pairs[i] / k) * H;
-          std::copy(ht, ht + H, rows.begin() + std::size_t(i) * H);
-        }
-        pre.resize(std::size_t(n) * F);
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, H, 1.0, rows.data(), H,
-                    &data_.expert_in[l][std::size_t(e) * H * F], F, 0.0, pre.data(), F);
-        for (int i = 0; i < n; ++i)
-          for (int f = 0; f < F; ++f) {
-            double& x = pre[std::size_t(i) * F + f];
-            const double ch = std::cosh(x);
-            c.sech2[std::size_t(pairs[i]) * F + f] = 1.0 / (ch * ch);
-            x = std::tanh(x);
-            c.act[std::size_t(pairs[i]) * F + f] = x;
-          }
-        std::vector<double>& out = outputs[b];
-        out.resize(std::size_t(n) * H);
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, F, 1.0, pre.data(), F,
-                    &data_.expert_out[l][std::size_t(e) * F * H], H, 0.0, out.data(), H);
+        if (first_row[e + 1] == first_row[e]) continue;
+        outputs[b].resize(std::size_t(first_row[e + 1] - first_row[e]) * H);
+        runExpert(e, rows, pre, outputs[b].data());
       }
     });
     // h_{l+1}[t] += g_s out[t, s] for the batch's experts, in expert order.
     for (int b = 0; b < batch; ++b) {
-      const std::vector<Index>& pairs = pairs_of[first + b];
-      for (std::size_t i = 0; i < pairs.size(); ++i) {
-        const double g = c.gate[pairs[i]];
-        const double* row = &outputs[b][i * H];
-        if (keep_outputs_) std::copy(row, row + H, c.out.begin() + std::size_t(pairs[i]) * H);
-        double* nt = &next[std::size_t(pairs[i] / k) * H];
-        for (int j = 0; j < H; ++j) nt[j] += g * row[j];
+      const int e = first + b;
+      for (Index row = first_row[e]; row < first_row[e + 1]; ++row) {
+        const Index at = slots[row];
+        const double g = c.gate[at];
+        const double* out = &outputs[b][std::size_t(row - first_row[e]) * H];
+        double* nt = &next[std::size_t(at / k) * H];
+        for (int j = 0; j < H; ++j) nt[j] += g * out[j];
       }
     }
   }
@@ -180,7 +222,7 @@ void ForwardCache::forwardLayer(int l, bool experts) {
 
 const double* ForwardCache::expertOutput(int l, Index t, int s, double* row) const {
   const LayerCache& c = layers_[l];
-  if (!c.out.empty()) return &c.out[(std::size_t(t) * k_ + s) * H_];
+  if (!c.out.empty()) return &c.out[std::size_t(c.out_row[std::size_t(t) * k_ + s]) * H_];
   const int e = c.topk[t * k_ + s];
   const double* act = &c.act[(std::size_t(t) * k_ + s) * F_];
   const double* Bm = &data_.expert_out[l][std::size_t(e) * F_ * H_];
@@ -207,7 +249,7 @@ double ForwardCache::stepLogits(int l, Index t, const double* given_expm1, Delta
   // sigma(z) from expm1(-dz) = -expm1(dz) / (1 + expm1(dz)).
   double dS = 0.0, dSs = 0.0;
   for (int e = 0; e < E_; ++e) {
-    const double raw = given_expm1 ? given_expm1[e] : std::expm1(dz[e]);
+    const double raw = given_expm1 ? given_expm1[e] : expm1Small(dz[e]);
     em[e] = ex[e] * raw;
     dS += em[e];
     if (!softmax) {

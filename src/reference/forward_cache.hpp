@@ -129,8 +129,9 @@ class ForwardCache {
   RouterShape shape_;
   TokenGroups groups_;
   std::vector<LayerCache> layers_;
-  std::vector<double> final_hidden_;  // h_L (when the last layer's experts are computed)
-  std::vector<double> residual_;      // [T, H] h_L - y (with_main)
+  FilledLater final_hidden_;  // h_L (when the last layer's experts are computed), until forward()
+                              // turns it into residual_ (with_main)
+  FilledLater residual_;      // [T, H] h_L - y (with_main)
   std::vector<std::vector<double>> next_logits_of_out_;  // [l][T, k, E] out_l . W_{l+1} (prepareSuffixProducts)
   double main_value_ = 0.0;
 };

@@ -1,13 +1,33 @@
 #include "reference/layer_cache.hpp"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
+#include <new>
 
 #include "reference/parallel.hpp"
 
 namespace moe::reference {
 
+void* allocateLarge(std::size_t bytes) {
+  constexpr std::size_t kHuge = std::size_t(2) << 20;
+  void* p = nullptr;
+  if (bytes >= kHuge) {
+    const std::size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    p = std::aligned_alloc(kHuge, rounded);
+    if (p != nullptr) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice only: no error to handle
+  } else {
+    p = std::malloc(bytes);
+  }
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+
 namespace {
+
+// Up to this k, the top-k is found by insertion rather than by partial_sort.
+constexpr int kInsertionTopK = 16;
 
 // Top-k order: higher key first, ties -> lower expert index.
 inline bool ranksBefore(const double* key, int a, int b) {
@@ -33,7 +53,7 @@ void scoreLayer(LayerCache& c, const RouterShape& shape, const std::vector<doubl
   const int E = shape.experts, k = shape.top_k;
   const std::size_t TE = std::size_t(T) * E;
   const bool softmax = shape.softmax;
-  c.exp_shift.assign(TE, 0.0);
+  c.exp_shift.resize(TE);  // every row written below
   c.exp_sum.assign(T, 0.0);
   c.lse.assign(T, 0.0);
   if (!softmax) {
@@ -78,10 +98,23 @@ void scoreLayer(LayerCache& c, const RouterShape& shape, const std::vector<doubl
           rk[e] = (softmax ? ex[e] / sum : c.sig[t * E + e]) + expert_bias[e];
         key = rk;
       }
-      for (int e = 0; e < E; ++e) order[e] = e;
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int a, int b) { return ranksBefore(key, a, b); });
-      for (int s = 0; s < k; ++s) c.topk[t * k + s] = order[s];
+      int* best = &c.topk[t * k];
+      if (k <= kInsertionTopK) {
+        // Insertion into the sorted best-so-far (O(E k)): the same order as the sort below, since
+        // ranksBefore is a strict total order (experts come in index order, so ties stay behind).
+        int n = 0;
+        for (int e = 0; e < E; ++e) {
+          if (n == k && !ranksBefore(key, e, best[k - 1])) continue;
+          int pos = n < k ? n++ : k - 1;
+          for (; pos > 0 && ranksBefore(key, e, best[pos - 1]); --pos) best[pos] = best[pos - 1];
+          best[pos] = e;
+        }
+      } else {
+        for (int e = 0; e < E; ++e) order[e] = e;
+        std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                          [&](int a, int b) { return ranksBefore(key, a, b); });
+        std::copy(order.begin(), order.begin() + k, best);
+      }
       setGates(c, shape, t);
     }
   });

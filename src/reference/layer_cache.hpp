@@ -11,6 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "reference/objective.hpp"
@@ -19,10 +22,42 @@ namespace moe::reference {
 
 using Index = std::int64_t;
 
+// An allocator whose resize() leaves new doubles unset (default- instead of value-initialization), for
+// the large buffers that are written in full right after they are sized: the first touch of each page
+// then happens where the values are computed, on the workers, instead of in a serial zero fill (page
+// faults were a third of a small reference's time; mapping the pages populated up front, in one
+// thread, measured slower than faulting them in on the workers).
+// malloc, except that a block of 2 MiB or more is 2 MiB-aligned and marked for transparent huge pages
+// (madvise), so that its first touch is one fault per 2 MiB instead of one per 4 KiB. Free with free().
+void* allocateLarge(std::size_t bytes);
+
+template <class T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <class U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(allocateLarge(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) noexcept { std::free(p); }
+
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using FilledLater = std::vector<double, UninitializedAllocator<double>>;
+
 struct LayerCache {
-  std::vector<double> hidden;     // [T, H] input of the layer (empty when the caller holds it)
-  std::vector<double> logits;     // [T, E] z = h W
-  std::vector<double> exp_shift;  // [T, E] exp(z - max_e z)
+  FilledLater hidden;             // [T, H] input of the layer (empty when the caller holds it)
+  FilledLater logits;             // [T, E] z = h W
+  FilledLater exp_shift;          // [T, E] exp(z - max_e z)
   std::vector<double> exp_sum;    // [T] sum_e exp(z - max)
   std::vector<double> lse;        // [T] logsumexp_e z
   std::vector<double> sig;        // [T, E] sigmoid(z)  (sigmoid score)
@@ -36,10 +71,12 @@ struct LayerCache {
   std::vector<double> aux_weight; // [groups, E] alpha*omega_G*E*c_{G,e} / (k*T_G^2)
   std::vector<double> aux_mean;   // [T] a_t = sum_e w_e p_{t,e} (token t's aux contribution)
   bool has_experts = false;
-  std::vector<double> act;        // [T, k, F] tanh(h A_e) of the routed experts
-  std::vector<double> sech2;      // [T, k, F] 1 - tanh^2(h A_e) = 1 / cosh^2(h A_e)
-  std::vector<double> out;        // [T, k, H] Expert_e(h) = tanh(h A_e) B_e, kept only while small
-                                  // (ForwardCache::expertOutput recomputes a row otherwise)
+  FilledLater act;             // [T, k, F] tanh(h A_e) of the routed experts
+  FilledLater sech2;           // [T, k, F] 1 - tanh^2(h A_e) = 1 / cosh^2(h A_e); empty for layer 0
+                               // (its input never changes, so nothing reads it)
+  FilledLater out;             // [T k, H] Expert_e(h) = tanh(h A_e) B_e grouped by expert, kept only
+                               // while small (ForwardCache::expertOutput recomputes a row otherwise)
+  std::vector<Index> out_row;  // [T, k] the row of `out` that holds slot (t, s)
   double aux_value = 0.0, z_value = 0.0;
 };
 
@@ -81,6 +118,22 @@ TokenRow tokenRow(const LayerCache& c, const RouterShape& shape, const TokenGrou
 inline double sigmoidDelta(double s, double sn, double expm1_of_minus_d) {
   const double shifted = s / (s + sn * (1.0 + expm1_of_minus_d));
   return -shifted * sn * expm1_of_minus_d;
+}
+
+// expm1(x) for the small arguments the differences use (logit steps <= 1e-3): for |x| <= 1e-2 its
+// Taylor series to x^8/8!, whose first omitted term is below 3e-22 relative, evaluated by Horner's
+// rule (a few ulps, as libm's expm1, at a fraction of its cost); libm's expm1 for larger |x|.
+inline double expm1Small(double x) {
+  if (!(std::fabs(x) <= 1e-2)) return std::expm1(x);
+  double p = 1.0 / 40320.0;  // 1/8!
+  p = p * x + 1.0 / 5040.0;
+  p = p * x + 1.0 / 720.0;
+  p = p * x + 1.0 / 120.0;
+  p = p * x + 1.0 / 24.0;
+  p = p * x + 1.0 / 6.0;
+  p = p * x + 0.5;
+  p = p * x + 1.0;
+  return p * x;
 }
 
 inline double dot(const double* a, const double* b, int n) {

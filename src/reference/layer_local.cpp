@@ -38,7 +38,7 @@ LayerLocalResult computeLayerLocalReference(const LayerLocalInputs& in, const Ob
   // Pass 1: z = h W^T block by block (dgemm on float64 copies of one block), and the largest column
   // norm of h for the chain rule's error bound.
   reference::LayerCache cache;
-  cache.logits.assign(std::size_t(T) * E, 0.0);
+  cache.logits.resize(std::size_t(T) * E);  // every block written by its dgemm
   std::vector<double> block(std::size_t(std::min<Index>(T, kBlockRows)) * H);
   std::vector<double> column_sq(H, 0.0);
   for (Index begin = 0; begin < T; begin += kBlockRows) {
@@ -77,7 +77,7 @@ LayerLocalResult computeLayerLocalReference(const LayerLocalInputs& in, const Ob
   result.near_ties = g.near_ties;
   result.frozen_elements = g.frozen;
   result.max_step = g.max_step;
-  result.fd_error = reference::chainRuleErrorBound(max_column_norm, g.aux_err, T, E);
+  result.fd_error = reference::chainRuleErrorBound(max_column_norm, g.aux_err.data(), T, E);
   // Only the logit derivatives are needed from here on: give the cache's memory back first.
   cache = reference::LayerCache{};
 

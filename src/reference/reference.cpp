@@ -8,6 +8,7 @@
 #include "reference/directional.hpp"
 #include "reference/elementwise.hpp"
 #include "reference/forward_cache.hpp"
+#include "reference/parallel.hpp"
 #include "reference/richardson.hpp"
 
 namespace moe {
@@ -127,12 +128,21 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
     result.near_ties += g.near_ties;
     result.frozen_elements += g.frozen;
     result.max_step = std::max(result.max_step, g.max_step);
-    out.aux_grad = reference::chainRule(h, g.aux, T, H, E);
-    out.aux_fd_error = reference::chainRuleErrorBound(max_column_norm, g.aux_err, T, E);
-    if (options.with_main) {
-      out.main_grad = reference::chainRule(h, g.main, T, H, E);
-      out.main_fd_error = reference::chainRuleErrorBound(max_column_norm, g.main_err, T, E);
-    }
+    // dJ/dW = h^T dJ/dz for the aux and (with_main) the main gradients: small products side by side on
+    // two workers (each single-threaded), large ones one after the other with the whole BLAS.
+    const bool small_products = double(T) * H * E < reference::kSmallBlasWork;
+    const int chain_workers = small_products ? reference::workerCount() : 1;
+    reference::parallelFor(options.with_main ? 2 : 1, chain_workers, [&](Index begin, Index end, int) {
+      for (Index which = begin; which < end; ++which) {
+        if (which == 0) {
+          out.aux_grad = reference::chainRule(h, g.aux.data(), T, H, E);
+          out.aux_fd_error = reference::chainRuleErrorBound(max_column_norm, g.aux_err.data(), T, E);
+        } else {
+          out.main_grad = reference::chainRule(h, g.main.data(), T, H, E);
+          out.main_fd_error = reference::chainRuleErrorBound(max_column_norm, g.main_err.data(), T, E);
+        }
+      }
+    });
     result.fd_error_estimate = std::max(result.fd_error_estimate, out.aux_fd_error);
   }
   if (options.with_main) result.main_value = model.mainValue();

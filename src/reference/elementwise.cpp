@@ -95,6 +95,15 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
         double D_aux[3], D_main[3];
         bool routing_changed = false;
         double suffix_err_aux = 0.0, suffix_err_main = 0.0;
+        // The suffix's share through gate s, and (at the largest step) its error and routing flips.
+        const auto throughGate = [&](int lev, int s, double gate_slope) {
+          D_aux[lev] += scratch.psi_aux[s] * gate_slope;
+          D_main[lev] += scratch.psi_main[s] * gate_slope;
+          if (lev > 0) return;
+          suffix_err_aux += std::abs(gate_slope) * scratch.psi_aux_err[s];
+          suffix_err_main += std::abs(gate_slope) * scratch.psi_main_err[s];
+          if (gate_slope != 0.0 && scratch.psi_flipped[s]) routing_changed = true;
+        };
         for (int lev = 0; lev < 3; ++lev) {
           const double d = h / double(1 << lev);
           const double em_plus = tabled ? table_plus[lev] : expm1Small(d);
@@ -125,12 +134,7 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
               const double dg_up = (own - row.gate[s]) * q_up * inv_up;
               const double dg_down = (own - row.gate[s]) * q_down * inv_down;
               const double gate_slope = (dg_up - dg_down) * inv_2d;
-              D_aux[lev] += scratch.psi_aux[s] * gate_slope;
-              D_main[lev] += scratch.psi_main[s] * gate_slope;
-              if (lev > 0) continue;
-              suffix_err_aux += std::abs(gate_slope) * scratch.psi_aux_err[s];
-              suffix_err_main += std::abs(gate_slope) * scratch.psi_main_err[s];
-              if (gate_slope != 0.0 && scratch.psi_flipped[s]) routing_changed = true;
+              throughGate(lev, s, gate_slope);
             }
             continue;
           }
@@ -146,12 +150,7 @@ LogitGradients logitGradients(const LayerView& layer, const SuffixSensitivity* s
           gateDeltaOfLogit(row, shape, j, em_minus, em_plus, in_topk, scratch.dnum.data(), dg_down);
           for (int s = 0; s < k; ++s) {
             const double gate_slope = (dg_up[s] - dg_down[s]) / (2.0 * d);
-            D_aux[lev] += scratch.psi_aux[s] * gate_slope;
-            D_main[lev] += scratch.psi_main[s] * gate_slope;
-            if (lev > 0) continue;
-            suffix_err_aux += std::abs(gate_slope) * scratch.psi_aux_err[s];
-            suffix_err_main += std::abs(gate_slope) * scratch.psi_main_err[s];
-            if (gate_slope != 0.0 && scratch.psi_flipped[s]) routing_changed = true;
+            throughGate(lev, s, gate_slope);
           }
         }
         if (frozen_by_margin || routing_changed) ++local.frozen;

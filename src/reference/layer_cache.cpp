@@ -1,7 +1,5 @@
 #include "reference/layer_cache.hpp"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cmath>
 #include <new>
@@ -11,15 +9,7 @@
 namespace moe::reference {
 
 void* allocateLarge(std::size_t bytes) {
-  constexpr std::size_t kHuge = std::size_t(2) << 20;
-  void* p = nullptr;
-  if (bytes >= kHuge) {
-    const std::size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    p = std::aligned_alloc(kHuge, rounded);
-    if (p != nullptr) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice only: no error to handle
-  } else {
-    p = std::malloc(bytes);
-  }
+  void* p = std::malloc(bytes);
   if (p == nullptr) throw std::bad_alloc();
   return p;
 }

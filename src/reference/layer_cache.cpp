@@ -2,17 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <new>
 
 #include "reference/parallel.hpp"
 
 namespace moe::reference {
-
-void* allocateLarge(std::size_t bytes) {
-  void* p = std::malloc(bytes);
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
 
 namespace {
 

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -25,12 +24,9 @@ using Index = std::int64_t;
 // An allocator whose resize() leaves new doubles unset (default- instead of value-initialization), for
 // the large buffers that are written in full right after they are sized: the first touch of each page
 // then happens where the values are computed, on the workers, instead of in a serial zero fill (page
-// faults were a third of a small reference's time; mapping the pages populated up front, in one
-// thread, measured slower than faulting them in on the workers).
-// malloc (throws std::bad_alloc). Advising transparent huge pages for the 2 MiB-and-larger blocks was
-// tried: it raised the DeepSeek-V3-size run's peak RSS from 2.85 to 3.10 GB. Free with free().
-void* allocateLarge(std::size_t bytes);
-
+// faults were a third of a small reference's time). Tried and dropped: mapping the pages populated up
+// front in one thread (slower), and huge-page advice for 2 MiB blocks (it raised the DeepSeek-V3-size
+// run's peak RSS to 3.10 GB, over its 3 GB bound; 2.99 GB without).
 template <class T>
 struct UninitializedAllocator : std::allocator<T> {
   template <class U>
@@ -40,9 +36,6 @@ struct UninitializedAllocator : std::allocator<T> {
   UninitializedAllocator() = default;
   template <class U>
   UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
-  T* allocate(std::size_t n) { return static_cast<T*>(allocateLarge(n * sizeof(T))); }
-  void deallocate(T* p, std::size_t) noexcept { std::free(p); }
-
   template <class U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;

@@ -13,8 +13,13 @@ namespace moe {
 
 namespace {
 
-// One all-reduce rendezvous per concrete group (identified by its kind and first member).
+// One all-reduce rendezvous per concrete group (identified by its kind and first member). Each
+// rendezvous and each mailbox has its own condition variable: a completed all-reduce or a delivered
+// message wakes only the ranks waiting on it. (One shared condition variable woke every waiting rank
+// on every event: with 4096 ranks, most of them waiting at any time, that was O(world^2) wake-ups and
+// five times the single-device run's time, nearly all of it in the kernel.)
 struct ReduceSlot {
+  std::condition_variable changed;  // an arrival completed the round, or its result was read by all
   std::uint64_t generation = 0;
   int arrived = 0;
   int readers_left = 0;
@@ -22,15 +27,27 @@ struct ReduceSlot {
   at::Tensor result;
 };
 
+// The messages sent from one rank to another with one tag, in the order they were sent.
+struct Mailbox {
+  std::condition_variable delivered;
+  std::deque<at::Tensor> messages;
+};
+
 }  // namespace
 
 struct EmulatedWorld::Impl {
-  std::mutex mutex;
-  std::condition_variable changed;
-  std::map<std::pair<int, int>, ReduceSlot> slots;                     // (group kind, first member)
-  std::map<std::tuple<int, int, int>, std::deque<at::Tensor>> mailboxes;  // (src, dst, tag)
+  std::mutex mutex;  // guards everything below (std::map nodes stay put: waiters hold references)
+  std::map<std::pair<int, int>, ReduceSlot> slots;         // (group kind, first member)
+  std::map<std::tuple<int, int, int>, Mailbox> mailboxes;  // (src, dst, tag)
   bool aborted = false;
   std::string abort_reason;
+
+  // Wakes every waiting rank (after an abort). Every wait is on a slot or mailbox of these maps,
+  // created under `mutex` before the wait.
+  void wakeAll() {
+    for (auto& entry : slots) entry.second.changed.notify_all();
+    for (auto& entry : mailboxes) entry.second.delivered.notify_all();
+  }
 };
 
 EmulatedWorld::EmulatedWorld(const MeshLayout& layout, EmulatedOptions options)
@@ -76,24 +93,24 @@ void EmulatedWorld::abort(const std::string& why) {
     impl_->aborted = true;
     impl_->abort_reason = why;
   }
-  impl_->changed.notify_all();
+  impl_->wakeAll();
 }
 
 namespace {
 
-// Waits on `cv` until `ready()` or the world aborts or no rank has progressed for `timeout`; throws on
+// Waits on `cv` (guarded by impl.mutex, held in `lock`) until `ready()` or the world aborts or no rank has progressed for `timeout`; throws on
 // the latter two. A wait is not a hang while other ranks work: with thousands of ranks sharing a few
 // compute slots, a peer may legitimately start its step minutes after this rank began waiting, so
 // the deadline moves on whenever the process's progress counter (common/progress.hpp, advanced by
 // every rank's schedule steps) has moved.
 template <class Ready>
-void waitOrThrow(std::unique_lock<std::mutex>& lock, EmulatedWorld::Impl& impl,
+void waitOrThrow(std::unique_lock<std::mutex>& lock, std::condition_variable& cv, EmulatedWorld::Impl& impl,
                  std::chrono::milliseconds timeout, int rank, const std::string& op, Ready ready) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   std::uint64_t progress_seen = progress::count();
   while (!ready()) {
     if (impl.aborted) throw RuntimeFailure("emulated", rank, op, "aborted: " + impl.abort_reason);
-    if (impl.changed.wait_until(lock, deadline) == std::cv_status::timeout && !ready()) {
+    if (cv.wait_until(lock, deadline) == std::cv_status::timeout && !ready()) {
       const std::uint64_t progress_now = progress::count();
       if (progress_now != progress_seen) {
         progress_seen = progress_now;
@@ -123,7 +140,7 @@ void EmulatedCommunicator::allReduceSum(at::Tensor& tensor, CommGroup group) {
   std::unique_lock<std::mutex> lock(impl.mutex);
   ReduceSlot& slot = impl.slots[{static_cast<int>(group), members.front()}];
   // The previous round of this group must have been read by every member before the slot is reused.
-  waitOrThrow(lock, impl, world_.options_.timeout, rank_, op, [&] { return slot.readers_left == 0; });
+  waitOrThrow(lock, slot.changed, impl, world_.options_.timeout, rank_, op, [&] { return slot.readers_left == 0; });
   if (slot.contributions.empty()) slot.contributions.assign(n, nullptr);
   slot.contributions[index] = &tensor;
   const std::uint64_t my_generation = slot.generation;
@@ -136,15 +153,15 @@ void EmulatedCommunicator::allReduceSum(at::Tensor& tensor, CommGroup group) {
     slot.readers_left = n;
     slot.contributions.assign(n, nullptr);
     ++slot.generation;
-    impl.changed.notify_all();
+    slot.changed.notify_all();
   } else {
-    waitOrThrow(lock, impl, world_.options_.timeout, rank_, op,
+    waitOrThrow(lock, slot.changed, impl, world_.options_.timeout, rank_, op,
                 [&] { return slot.generation != my_generation; });
   }
   tensor.copy_(slot.result);
   if (--slot.readers_left == 0) {
     slot.result = at::Tensor();
-    impl.changed.notify_all();
+    slot.changed.notify_all();
   }
 }
 
@@ -155,19 +172,20 @@ void EmulatedCommunicator::send(const at::Tensor& tensor, int dst_rank, int tag)
   if (impl.aborted)
     throw RuntimeFailure("emulated", rank_, fmt::format("send(to {})", dst_rank),
                          "aborted: " + impl.abort_reason);
-  impl.mailboxes[{rank_, dst_rank, tag}].push_back(std::move(copy));
-  impl.changed.notify_all();
+  Mailbox& box = impl.mailboxes[{rank_, dst_rank, tag}];
+  box.messages.push_back(std::move(copy));
+  box.delivered.notify_all();
 }
 
 void EmulatedCommunicator::recv(at::Tensor& tensor, int src_rank, int tag) {
   auto& impl = *world_.impl_;
   SlotReleasedWhileWaiting released(world_);
   std::unique_lock<std::mutex> lock(impl.mutex);
-  auto& box = impl.mailboxes[{src_rank, rank_, tag}];
-  waitOrThrow(lock, impl, world_.options_.timeout, rank_,
-              fmt::format("recv(from {}, tag {})", src_rank, tag), [&] { return !box.empty(); });
-  at::Tensor got = std::move(box.front());
-  box.pop_front();
+  Mailbox& box = impl.mailboxes[{src_rank, rank_, tag}];
+  waitOrThrow(lock, box.delivered, impl, world_.options_.timeout, rank_,
+              fmt::format("recv(from {}, tag {})", src_rank, tag), [&] { return !box.messages.empty(); });
+  at::Tensor got = std::move(box.messages.front());
+  box.messages.pop_front();
   lock.unlock();
   if (!got.sizes().equals(tensor.sizes()))
     throw RuntimeFailure("emulated", rank_, fmt::format("recv(from {}, tag {})", src_rank, tag),

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "reference/arena.hpp"
 #include "reference/objective.hpp"
 
 namespace moe::reference {
@@ -24,9 +25,11 @@ using Index = std::int64_t;
 // An allocator whose resize() leaves new doubles unset (default- instead of value-initialization), for
 // the large buffers that are written in full right after they are sized: the first touch of each page
 // then happens where the values are computed, on the workers, instead of in a serial zero fill (page
-// faults were a third of a small reference's time). Tried and dropped: mapping the pages populated up
-// front in one thread (slower), and huge-page advice for 2 MiB blocks (it raised the DeepSeek-V3-size
-// run's peak RSS to 3.10 GB, over its 3 GB bound; 2.99 GB without).
+// faults were a third of a small reference's time). While a small reference runs, its blocks come
+// from one region of huge pages (arena.hpp). Tried and dropped: mapping the pages populated up front
+// in one thread (slower), and huge-page advice for every block of 2 MiB or more whatever the size of
+// the run (it raised the DeepSeek-V3-size run's peak RSS to 3.10 GB, over its 3 GB bound; 2.99 GB
+// without).
 template <class T>
 struct UninitializedAllocator : std::allocator<T> {
   template <class U>
@@ -36,6 +39,13 @@ struct UninitializedAllocator : std::allocator<T> {
   UninitializedAllocator() = default;
   template <class U>
   UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    if (void* p = takeFromReferenceArena(n * sizeof(T))) return static_cast<T*>(p);
+    return std::allocator<T>::allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) {
+    if (!inReferenceArena(p)) std::allocator<T>::deallocate(p, n);
+  }
   template <class U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;

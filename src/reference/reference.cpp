@@ -66,6 +66,19 @@ class ForwardSuffix : public reference::SuffixSensitivity {
   bool use_basis_;
 };
 
+// The bytes of the FilledLater buffers (layer_cache.hpp) one computeReference allocates: per layer its
+// input (after layer 0), logits and exponentials [T, E], activations and sech^2 [T, k, F], the kept
+// expert outputs [T k, H] and the four logit-gradient buffers [T, E]; then h_L - y [T, H].
+std::size_t filledLaterBytes(const ProblemData& data, const ObjectiveDefinition& objective,
+                             const ReferenceOptions& options) {
+  const double T = double(data.tokens()), H = data.hidden, E = data.experts, F = data.ffn,
+               k = objective.top_k, L = data.layers;
+  const bool keep_outputs = 8.0 * T * k * H * L <= options.max_kept_expert_output_bytes;
+  const double per_layer = T * H + 2 * T * E + 2 * T * k * F + (keep_outputs ? T * k * H : 0.0) + 4 * T * E;
+  const double total = 8.0 * (L * per_layer + T * H);
+  return total > double(reference::ReferenceArenaScope::kMaxBytes) ? 0 : static_cast<std::size_t>(total);
+}
+
 }  // namespace
 
 ObjectiveValue evaluateObjective(const ProblemData& data, const ObjectiveDefinition& objective) {
@@ -85,6 +98,9 @@ ReferenceResult computeReference(const ProblemData& data, const ObjectiveDefinit
   const auto start = std::chrono::steady_clock::now();
   if (!(options.step > 0.0) || !(options.min_step > 0.0) || options.directional_checks < 0)
     throw UsageError("reference options: step > 0, min_step > 0 and directional_checks >= 0 expected");
+  // A small reference's buffers from one region of huge pages (arena.hpp); declared before the cache
+  // that holds them, so that they are gone before the region is.
+  const reference::ReferenceArenaScope arena(filledLaterBytes(data, objective, options));
   // The last layer's experts only matter for the main loss.
   ForwardCache model(data, objective, options.with_main, options.with_main);
   model.keepExpertOutputsUpTo(options.max_kept_expert_output_bytes);

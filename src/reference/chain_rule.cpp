@@ -38,7 +38,7 @@ double hiddenPass(const double* h, Index T, int H, const std::vector<const doubl
     for (Index t = begin; t < end; ++t) {
       const double* ht = h + t * H;
       for (int i = 0; i < H; ++i) sq[i] += ht[i] * ht[i];
-      for (std::size_t d = 0; d < n_dirs; ++d) dots[d][t] = dot(ht, us[d], H);
+      for (std::size_t d = 0; d < n_dirs; ++d) dots[d][t] = dotInterleaved(ht, us[d], H);
     }
     column_sq[worker] = std::move(sq);
   });

@@ -544,8 +544,8 @@ Delta ForwardCache::gateSuffixChange(int l, Index t, int s, double delta, bool i
       const double* out = gateOutput(l, t, s, scratch);
       Scratch::Gate& g = scratch.gate;
       if (!g.has_dots) {
-        g.dot_r = dot(out, &residual_[std::size_t(t) * H_], H_);
-        g.sq = dot(out, out, H_);
+        g.dot_r = dotInterleaved(out, &residual_[std::size_t(t) * H_], H_);
+        g.sq = dotInterleaved(out, out, H_);
         g.has_dots = true;
       }
       result.main = groups_.main_weight[t] * (delta * g.dot_r + 0.5 * delta * delta * g.sq);

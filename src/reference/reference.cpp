@@ -67,15 +67,17 @@ class ForwardSuffix : public reference::SuffixSensitivity {
 };
 
 // The bytes of the FilledLater buffers (layer_cache.hpp) one computeReference allocates: per layer its
-// input (after layer 0), logits and exponentials [T, E], activations and sech^2 [T, k, F], the kept
-// expert outputs [T k, H] and the four logit-gradient buffers [T, E]; then h_L - y [T, H].
+// logits and exponentials [T, E], activations [T, k, F], the kept expert outputs [T k, H] and the four
+// logit-gradient buffers [T, E]; after layer 0 also its input [T, H] and sech^2 [T, k, F]; then
+// h_L - y [T, H].
 std::size_t filledLaterBytes(const ProblemData& data, const ObjectiveDefinition& objective,
                              const ReferenceOptions& options) {
   const double T = double(data.tokens()), H = data.hidden, E = data.experts, F = data.ffn,
                k = objective.top_k, L = data.layers;
   const bool keep_outputs = 8.0 * T * k * H * L <= options.max_kept_expert_output_bytes;
-  const double per_layer = T * H + 2 * T * E + 2 * T * k * F + (keep_outputs ? T * k * H : 0.0) + 4 * T * E;
-  const double total = 8.0 * (L * per_layer + T * H);
+  const double per_layer = 2 * T * E + T * k * F + (keep_outputs ? T * k * H : 0.0) + 4 * T * E;
+  const double after_first = T * H + T * k * F;
+  const double total = 8.0 * (L * per_layer + (L - 1) * after_first + T * H);
   return total > double(reference::ReferenceArenaScope::kMaxBytes) ? 0 : static_cast<std::size_t>(total);
 }
 

@@ -704,10 +704,16 @@ std::uint64_t estimateMemoryBytes(const Scenario& scenario) {
   const double reference = 8.0 * (T * H * (L + 2.0) + 8.0 * L * T * E + L * T * k * (2.0 * F + E));
   const double dtype_bytes = scenario.model.dtype == DType::kFloat64 ? 8.0
                              : scenario.model.dtype == DType::kFloat32 ? 4.0 : 2.0;
-  // Per token, about 2L + 3 [., H] tensors in flight (a layer's input and output, the main loss's
-  // difference and square, the backward's gradients).
+  // Per token in flight, about 2L + 3 [., H] tensors (a layer's input and output, the main loss's
+  // difference and square, the backward's gradients). A pipeline rank holds at most pp x
+  // virtual_stages of its M microbatches' graphs at once (1F1B's warm-up; all M with M smaller), so
+  // with M > pp v only that share of the tokens is in flight (bench_memory, medium-2048: dp 2, cp 2,
+  // M 2 on pp 1, estimated 1.26-1.35x its measured peak when every token was counted in flight).
+  const double M = std::max(1.0, dim(scenario.mesh.microbatches));
+  const double stages_in_flight = std::max(1.0, dim(scenario.mesh.pp) * dim(scenario.mesh.virtual_stages));
+  const double in_flight = std::min(M, stages_in_flight) / M;
   const double mesh_inputs = scenario.model.dtype == DType::kFloat64 ? 0.0 : dtype_bytes * (2.0 * T * H + weights);
-  const double mesh = mesh_inputs + dtype_bytes * T * H * (2.0 * L + 3.0);
+  const double mesh = mesh_inputs + dtype_bytes * T * H * (2.0 * L + 3.0) * in_flight;
   const double bytes = process + data + std::max(reference, mesh);
   if (bytes >= 18446744073709551615.0) return std::numeric_limits<std::uint64_t>::max();
   return static_cast<std::uint64_t>(bytes);

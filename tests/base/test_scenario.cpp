@@ -820,8 +820,9 @@ TEST(ScenarioNames, DefaultRtol) {
 }
 
 // The estimate grows with what a run holds: linearly in the tokens once they dominate, never below
-// the data it must hold, and the DeepSeek-V3-size scenario of issue 11 (peak 2.85-2.92 GB measured
-// by bench/bench_memory) is estimated within 25% and allowed.
+// the data it must hold, and the DeepSeek-V3-size scenario of issue 11 (peak 2.65-2.75 GB measured
+// by bench/bench_run and bench/bench_memory since its ranks read x as a view) is estimated within 25%
+// and allowed.
 TEST(ScenarioMemory, EstimateTracksWhatARunHolds) {
   Scenario s = codeBuiltScenario();
   s.model.hidden = 1024;
@@ -848,9 +849,31 @@ TEST(ScenarioMemory, EstimateTracksWhatARunHolds) {
   dsv3.model.ffn = 8;
   dsv3.data.batch = 2;
   dsv3.data.seq_len = 2048;
-  const double measured_peak = 2.88e9;
+  const double measured_peak = 2.70e9;
   EXPECT_NEAR(static_cast<double>(estimateMemoryBytes(dsv3)), measured_peak, 0.25 * measured_peak);
   EXPECT_LE(estimateMemoryBytes(dsv3), kMaxScenarioBytes);
+}
+
+// Only the microbatches a pipeline rank holds at once count as in flight: min(M, pp x v) of M.
+TEST(ScenarioMemory, OnlyThePipelinesMicrobatchesInFlightCount) {
+  Scenario s = codeBuiltScenario();
+  s.model.hidden = 2048;
+  s.model.experts = 64;
+  s.model.ffn = 16;
+  s.model.layers = 2;
+  s.data.batch = 8;
+  s.data.seq_len = 2048;
+  s.mesh.dp = 1;
+  s.mesh.microbatches = 1;
+  const double all_in_flight = static_cast<double>(estimateMemoryBytes(s));
+  s.mesh.microbatches = 4;  // pp 1: one microbatch's graph at a time
+  const double one_of_four = static_cast<double>(estimateMemoryBytes(s));
+  EXPECT_LT(one_of_four, all_in_flight);
+  s.mesh.pp = 4;  // 1F1B on 4 stages holds up to 4 of the 4
+  s.model.layers = 4;
+  Scenario same_layers_one_microbatch = s;
+  same_layers_one_microbatch.mesh.microbatches = 1;
+  EXPECT_EQ(estimateMemoryBytes(s), estimateMemoryBytes(same_layers_one_microbatch));
 }
 
 TEST(ScenarioMemory, NoOverflowAtTheLimits) {

@@ -98,14 +98,13 @@ int main(int argc, char** argv) {
   }
   if (only != "single") {
     mesh = measureInChild(sc);
-    std::printf("emulated dp=%d pp=%d cp=%d M=%d (%d ranks): %8.3f s  peak RSS %8.1f MiB\n", sc.mesh.dp,
-                sc.mesh.pp, sc.mesh.cp, sc.mesh.microbatches, world, mesh.seconds, mesh.peak_mib);
+    std::printf("emulated dp=%d pp=%d cp=%d M=%d (%d ranks): %8.3f s  peak RSS %8.1f MiB\n", sc.mesh.dp, sc.mesh.pp,
+                sc.mesh.cp, sc.mesh.microbatches, world, mesh.seconds, mesh.peak_mib);
   }
   if (!only.empty()) return 0;
   // Issue 11, item 3: at 4096 ranks, <= 1.2x the single device's time and <= 1.1x its peak RSS.
   const double time_ratio = mesh.seconds / base.seconds, memory_ratio = mesh.peak_mib / base.peak_mib;
   std::printf("ratio emulated / single: time %.2fx (target <= 1.2x: %s), memory %.2fx (target <= 1.1x: %s)\n",
-              time_ratio, time_ratio <= 1.2 ? "met" : "NOT met", memory_ratio,
-              memory_ratio <= 1.1 ? "met" : "NOT met");
+              time_ratio, time_ratio <= 1.2 ? "met" : "NOT met", memory_ratio, memory_ratio <= 1.1 ? "met" : "NOT met");
   return 0;
 }

@@ -22,7 +22,7 @@ struct Region {
 };
 
 Region g_region;
-std::atomic<bool> g_in_use{false};      // one scope at a time
+std::atomic<bool> g_in_use{false};     // one scope at a time
 std::atomic<bool> g_published{false};  // g_region's bounds are valid
 
 std::size_t roundUp(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
@@ -65,7 +65,8 @@ ReferenceArenaScope::~ReferenceArenaScope() {
 }
 
 void* takeFromReferenceArena(std::size_t bytes) noexcept {
-  if (!g_published.load(std::memory_order_acquire) || g_region.owner.load(std::memory_order_relaxed) != std::this_thread::get_id())
+  if (!g_published.load(std::memory_order_acquire) ||
+      g_region.owner.load(std::memory_order_relaxed) != std::this_thread::get_id())
     return nullptr;
   const std::size_t size = roundUp(bytes == 0 ? 1 : bytes, kAlignment);
   char* start = g_region.next.load(std::memory_order_relaxed);

@@ -98,11 +98,11 @@ void EmulatedWorld::abort(const std::string& why) {
 
 namespace {
 
-// Waits on `cv` (guarded by impl.mutex, held in `lock`) until `ready()` or the world aborts or no rank has progressed for `timeout`; throws on
-// the latter two. A wait is not a hang while other ranks work: with thousands of ranks sharing a few
-// compute slots, a peer may legitimately start its step minutes after this rank began waiting, so
-// the deadline moves on whenever the process's progress counter (common/progress.hpp, advanced by
-// every rank's schedule steps) has moved.
+// Waits on `cv` (guarded by impl.mutex, held in `lock`) until `ready()` or the world aborts or no rank has progressed
+// for `timeout`; throws on the latter two. A wait is not a hang while other ranks work: with thousands of ranks sharing
+// a few compute slots, a peer may legitimately start its step minutes after this rank began waiting, so the deadline
+// moves on whenever the process's progress counter (common/progress.hpp, advanced by every rank's schedule steps) has
+// moved.
 template <class Ready>
 void waitOrThrow(std::unique_lock<std::mutex>& lock, std::condition_variable& cv, EmulatedWorld::Impl& impl,
                  std::chrono::milliseconds timeout, int rank, const std::string& op, Ready ready) {

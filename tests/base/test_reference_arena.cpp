@@ -5,10 +5,10 @@
 #include <cstdint>
 #include <thread>
 
+#include "../reference_problem.hpp"
 #include "data/problem.hpp"
 #include "reference/layer_cache.hpp"
 #include "reference/reference.hpp"
-#include "../reference_problem.hpp"
 
 namespace moe::reference {
 namespace {
@@ -26,8 +26,8 @@ TEST(ReferenceArena, BuffersComeFromTheRegionUntilItIsFull) {
   EXPECT_TRUE(inReferenceArena(a.data()));
   EXPECT_TRUE(inReferenceArena(b.data()));
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(a.data()) % 64, 0u);  // cache-line aligned
-  EXPECT_GE(b.data(), a.data() + 1000);                               // no overlap
-  FilledLater too_big(std::size_t(3) << 20 >> 3);  // 3 MiB: more than is left
+  EXPECT_GE(b.data(), a.data() + 1000);                            // no overlap
+  FilledLater too_big(std::size_t(3) << 20 >> 3);                  // 3 MiB: more than is left
   EXPECT_FALSE(inReferenceArena(too_big.data()));
   a.assign(1000, 2.5);  // written and read back like any vector
   EXPECT_EQ(a[999], 2.5);

@@ -1,9 +1,9 @@
 // One region of huge pages for the buffers of a small reference (issue 11, item 4). In a fresh process
 // every page a buffer touches is a page fault, and at hidden 128, 32 experts, 1024 tokens the ~1200
-// faults of 4 KiB pages were a third of the reference's time; from one 2 MiB-aligned region advised
-// MADV_HUGEPAGE the same buffers take a few faults. Only small references use it (see
-// ReferenceArenaScope): at large sizes faults are a small share of the time, and rounding blocks up
-// to 2 MiB there raised the DeepSeek-V3-size run's peak RSS over its bound.
+// faults of 4 KiB pages were 15-20% of the reference's time (perf, bench/RESULTS.md); from one 2 MiB-
+// aligned region advised MADV_HUGEPAGE the same buffers take a few faults. Only small references use
+// it (see ReferenceArenaScope): at large sizes faults are a small share of the time, and rounding
+// blocks up to 2 MiB there raised the DeepSeek-V3-size run's peak RSS over its bound.
 #pragma once
 
 #include <cstddef>

@@ -71,7 +71,9 @@ ForwardCache::ForwardCache(const ProblemData& data, const ObjectiveDefinition& o
   keepExpertOutputsUpTo(256.0 * (1 << 20));
 }
 
-void ForwardCache::keepExpertOutputsUpTo(double bytes) { keep_outputs_ = 8.0 * double(T_) * k_ * H_ * L_ <= bytes; }
+void ForwardCache::keepExpertOutputsUpTo(double bytes) {
+  keep_outputs_ = expertOutputsFit(double(T_), k_, H_, L_, bytes);
+}
 
 void ForwardCache::forward() {
   layers_.assign(L_, LayerCache{});
@@ -140,8 +142,7 @@ void ForwardCache::forwardLayer(int l, bool experts) {
   }
   const int workers = workerCount();
   // Each worker gathers an expert's rows into its own buffers, sized once for the largest expert and
-  // not zero-filled (growing them expert by expert re-allocated and zero-filled fresh pages each time:
-  // in a small run, a third of the reference's page faults).
+  // not zero-filled (instead of growing and zero-filling them expert by expert).
   Index largest = 0;
   for (int e = 0; e < E_; ++e) largest = std::max(largest, first_row[e + 1] - first_row[e]);
   struct ExpertScratch {

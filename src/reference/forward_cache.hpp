@@ -51,6 +51,10 @@ class ForwardCache {
   // above, 1.9 GB per layer at DeepSeek-V3 size, rows are recomputed from the [T, k, F] activations).
   // Call before forward().
   void keepExpertOutputsUpTo(double bytes);
+  // The rule keepExpertOutputsUpTo applies: the L layers' [T, k, H] outputs fit in `bytes`.
+  static bool expertOutputsFit(double tokens, int top_k, int hidden, int layers, double bytes) {
+    return 8.0 * tokens * top_k * hidden * layers <= bytes;
+  }
 
   // One full forward pass with routing recomputed.
   void forward();

@@ -74,7 +74,8 @@ std::size_t filledLaterBytes(const ProblemData& data, const ObjectiveDefinition&
                              const ReferenceOptions& options) {
   const double T = double(data.tokens()), H = data.hidden, E = data.experts, F = data.ffn, k = objective.top_k,
                L = data.layers;
-  const bool keep_outputs = 8.0 * T * k * H * L <= options.max_kept_expert_output_bytes;
+  const bool keep_outputs = ForwardCache::expertOutputsFit(T, objective.top_k, data.hidden, data.layers,
+                                                           options.max_kept_expert_output_bytes);
   const double per_layer = 2 * T * E + T * k * F + (keep_outputs ? T * k * H : 0.0) + 4 * T * E;
   const double after_first = T * H + T * k * F;
   const double total = 8.0 * (L * per_layer + (L - 1) * after_first + T * H);

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../reference_problem.hpp"
 #include "common/errors.hpp"
 #include "scenario/catalog.hpp"
 #include "scenario/scenario.hpp"
@@ -824,12 +825,7 @@ TEST(ScenarioNames, DefaultRtol) {
 // by bench/bench_run and bench/bench_memory since its ranks read x as a view) is estimated within 25%
 // and allowed.
 TEST(ScenarioMemory, EstimateTracksWhatARunHolds) {
-  Scenario s = codeBuiltScenario();
-  s.model.hidden = 1024;
-  s.model.experts = 64;
-  s.model.ffn = 16;
-  s.data.batch = 8;
-  s.data.seq_len = 2048;
+  Scenario s = test::problemScenario(1, 8, 2048, 1024, 64, 16, ModelConfig{}.layers, {});
   const double one = static_cast<double>(estimateMemoryBytes(s));
   s.data.batch = 16;
   const double two = static_cast<double>(estimateMemoryBytes(s));
@@ -840,15 +836,8 @@ TEST(ScenarioMemory, EstimateTracksWhatARunHolds) {
   s.model.dtype = DType::kFloat32;                  // the mesh copies its inputs in another dtype
   EXPECT_GE(static_cast<double>(estimateMemoryBytes(s)), 0.5 * two);
 
-  Scenario dsv3 = codeBuiltScenario();
-  dsv3.model = ModelConfig{};
-  dsv3.model.hidden = 7168;
-  dsv3.model.experts = 256;
+  Scenario dsv3 = test::problemScenario(1, 2, 2048, 7168, 256, 8, 2, {});
   dsv3.model.top_k = 8;
-  dsv3.model.layers = 2;
-  dsv3.model.ffn = 8;
-  dsv3.data.batch = 2;
-  dsv3.data.seq_len = 2048;
   const double measured_peak = 2.70e9;
   EXPECT_NEAR(static_cast<double>(estimateMemoryBytes(dsv3)), measured_peak, 0.25 * measured_peak);
   EXPECT_LE(estimateMemoryBytes(dsv3), kMaxScenarioBytes);
@@ -856,13 +845,7 @@ TEST(ScenarioMemory, EstimateTracksWhatARunHolds) {
 
 // Only the microbatches a pipeline rank holds at once count as in flight: min(M, pp x v) of M.
 TEST(ScenarioMemory, OnlyThePipelinesMicrobatchesInFlightCount) {
-  Scenario s = codeBuiltScenario();
-  s.model.hidden = 2048;
-  s.model.experts = 64;
-  s.model.ffn = 16;
-  s.model.layers = 2;
-  s.data.batch = 8;
-  s.data.seq_len = 2048;
+  Scenario s = test::problemScenario(1, 8, 2048, 2048, 64, 16, 2, {});
   s.mesh.dp = 1;
   s.mesh.microbatches = 1;
   const double all_in_flight = static_cast<double>(estimateMemoryBytes(s));
